@@ -1,0 +1,46 @@
+# Every target sets itself up: a venv in .venv with the project installed, plus the system
+# packages it needs (redis-server for tests; wrk and nginx for benchmarks).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench check clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gateway demo
+
+check: $(STAMP)
+	$(BIN)/gateway check
+
+test: $(STAMP) redis-server lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway middleware examples tests bench
+	$(BIN)/ruff format --check gateway middleware examples tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	bash bench/setup.sh
+	$(BIN)/python bench/run.py
+
+# Tests start their own redis-server processes on free ports; this only makes sure the
+# binary is there (Debian package).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian package)"; \
+		(apt-get update -qq || sudo apt-get update -qq) && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server || \
+		 sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server); }
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,161 @@
+"""Load benchmark: nginx direct, nginx proxy_pass, the minimal aiohttp proxy and the gateway.
+
+Issue 2 point 9 (and the instrument issue 8 grows): starts an nginx static backend and
+the servers under test in a private temp dir, drives each with wrk in alternating rounds,
+and prints (and writes into bench/README.md) one table of medians. Stdlib only; run it
+with the venv's python so the gateway and aiohttp versions are the ones reported:
+
+    .venv/bin/python bench/run.py [--duration 10] [--rounds 3] [--quick]
+
+See bench/README.md for what is measured, the CPU pinning and how to read the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from report import README, Sample, results_section, write_readme
+from servers import TARGETS, BenchError, Target, start_targets
+from wrk import wrk
+
+CONNECTIONS = 64
+AIOHTTP_TARGETS = ("minimal-proxy", "gateway")  # their logs say which event loop they run on
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    seconds: int  # the measured run at CONNECTIONS connections
+    single_seconds: int  # the 1-connection latency run
+    warmup: int  # discarded, before each measured run
+
+    @classmethod
+    def for_duration(cls, seconds: int, rounds: int) -> Plan:
+        return cls(rounds, seconds, single_seconds=max(1, seconds // 2), warmup=max(1, min(3, seconds // 5)))
+
+    def total_seconds(self, targets: int) -> int:
+        return self.rounds * targets * (self.warmup + self.seconds + self.single_seconds)
+
+    def describe(self) -> str:
+        return (
+            f"{self.rounds} rounds of ({self.warmup} s warmup + {self.seconds} s at {CONNECTIONS} connections"
+            f" + {self.single_seconds} s at 1 connection) per target, alternating; medians"
+        )
+
+
+def measure(target: Target, plan: Plan) -> Sample:
+    """Warm up, then the loaded run (throughput, latency, CPU per request), then 1 connection."""
+    wrk(target.url, CONNECTIONS, plan.warmup)
+    before = target.server.cpu_seconds()
+    loaded = wrk(target.url, CONNECTIONS, plan.seconds)
+    cpu = target.server.cpu_seconds() - before
+    single = wrk(target.url, 1, plan.single_seconds)
+    return Sample(
+        rps=loaded.rps,
+        p50_ms=loaded.p50_ms,
+        p99_ms=loaded.p99_ms,
+        cpu_us=cpu * 1e6 / loaded.requests,
+        single_p50_ms=single.p50_ms,
+        single_p99_ms=single.p99_ms,
+        errors=loaded.errors + single.errors,
+    )
+
+
+def run_rounds(targets: list[Target], plan: Plan) -> dict[str, list[Sample]]:
+    """A B C D, A B C D, ...: alternating spreads drift (thermal, neighbours) over all targets."""
+    samples: dict[str, list[Sample]] = {t.name: [] for t in targets}
+    for round_no in range(1, plan.rounds + 1):
+        for target in targets:
+            sample = measure(target, plan)
+            samples[target.name].append(sample)
+            print(
+                f"round {round_no}/{plan.rounds} {target.name:<14} {sample.rps:>9,.0f} rps"
+                f"  p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  {sample.cpu_us:6.1f} µs/req"
+                f"  @1 conn p50 {sample.single_p50_ms:5.2f} ms  errors {sample.errors}",
+                flush=True,
+            )
+    return samples
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 s, 1 round, README left alone")
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
+    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--json", type=Path, help="also write every sample to this file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.no_readme = 2, 1, True
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if unknown := set(args.targets) - set(TARGETS):
+        parser.error(f"unknown --targets {', '.join(sorted(unknown))}")
+    if args.duration < 1 or args.rounds < 1:
+        parser.error("--duration and --rounds must be at least 1")
+    return args
+
+
+def check_tools() -> None:
+    missing = [tool for tool in ("wrk", "taskset") if not shutil.which(tool)]
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        missing.append("nginx")
+    if missing:
+        raise BenchError(f"missing {', '.join(missing)}: run `bash bench/setup.sh` first")
+    if (os.cpu_count() or 1) < 2:
+        raise BenchError("needs 2 CPUs: the load generator and the server under test are pinned apart")
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops every server
+
+
+def bench(args: argparse.Namespace) -> str:
+    plan = Plan.for_duration(args.duration, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        work.chmod(0o755)
+        targets = start_targets(args.targets, work, stack)
+        print(f"measuring {', '.join(t.name for t in targets)}: about {plan.total_seconds(len(targets))} s", flush=True)
+        samples = run_rounds(targets, plan)
+        logs = {t.name: t.server.log_path.read_text(errors="replace") for t in targets if t.name in AIOHTTP_TARGETS}
+    if args.json:
+        args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in samples.items()}, indent=2))
+    return results_section(samples, plan.describe(), logs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    try:
+        check_tools()
+        section = bench(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; servers stopped", file=sys.stderr)
+        return 130
+    print()
+    print(section)
+    if not args.no_readme:
+        write_readme(section)
+        print(f"results written to {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

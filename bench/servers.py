@@ -1,0 +1,272 @@
+"""The processes a benchmark run starts, each pinned with taskset and stopped by pid.
+
+An nginx static backend, and the servers under test in front of it: an nginx
+``proxy_pass`` with a keep-alive upstream pool, ``bench/minimal_proxy.py`` and the
+gateway. Everything lives in a private work dir (configs, pid files, logs, temp files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+BENCH_DIR = Path(__file__).resolve().parent
+LOAD_CPU = "0"  # wrk and the nginx backend
+SERVER_CPU = "1"  # the server under test, alone
+READY_TIMEOUT = 20.0  # seconds for a server to answer its first request
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+
+FILE_NAME = "hello.json"
+DIRECT_PATH = f"/{FILE_NAME}"  # what the backend serves; nginx and minimal proxies pass paths through
+GATEWAY_PATH = f"/api/static/{FILE_NAME}"  # DESIGN §4: the gateway maps it to <upstream>/hello.json
+TARGETS = ("direct", "nginx-proxy", "minimal-proxy", "gateway")
+
+
+class BenchError(Exception):
+    """Something the harness cannot measure around; the message says what and where."""
+
+
+def payload() -> bytes:
+    """A 100-byte JSON document: small enough that per-request overhead dominates."""
+    head = b'{"message":"hello from the static backend","pad":"'
+    return head + b"x" * (100 - len(head) - 3) + b'"}\n'
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (field 3, the state, is index 0)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def descendants(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))):
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime+stime of a process and its descendants, plus children they already reaped."""
+    ticks = 0
+    for pid in (root, *descendants(root)):
+        if fields := _proc_stat(pid):
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    """A process this harness started (pinned with taskset), its log, and how to stop it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.proc.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(f"    {line}" for line in text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            family = descendants(self.proc.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                for pid in family:  # e.g. nginx workers left behind by a killed master
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        self.log.close()
+
+
+def start(name: str, argv: list[str], cpu: str, work: Path, stack: contextlib.ExitStack) -> Server:
+    log_path = work / f"{name}.log"
+    log = log_path.open("wb")
+    # A new session keeps Ctrl-C away from the servers: they are stopped by pid, in order.
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpu, *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    server = Server(name, proc, log_path, log)
+    stack.callback(server.stop)
+    return server
+
+
+def wait_ready(server: Server, url: str, expect: bytes) -> None:
+    """Poll ``url`` until it returns 200 with ``expect``; fail early if the server exits."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + READY_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise BenchError(f"{server.name} exited with {server.proc.returncode}; log:\n{server.log_tail()}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                body = response.read()
+            if body == expect:
+                return
+            last = f"200 with an unexpected body {body[:200]!r}"
+        except urllib.error.HTTPError as exc:
+            last = f"{exc.code} {exc.read()[:300]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise BenchError(f"{server.name} not ready at {url} after {READY_TIMEOUT:.0f}s: {last}; log:\n{server.log_tail()}")
+
+
+# --- the servers -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing wrk drives; ``server`` is the process whose CPU time is charged to it."""
+
+    name: str
+    url: str
+    server: Server
+
+
+def nginx_conf(prefix: Path, server_block: str, upstream_block: str = "") -> Path:
+    """A self-contained nginx.conf: pid, logs and temp files under ``prefix``, one worker."""
+    user = "user root;" if os.geteuid() == 0 else ""  # the default, nobody:nobody, lacks a group on Debian
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix}/{kind}_temp;" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""{user}
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp}
+    keepalive_requests 1000000;  # the default 1000 would reconnect wrk's connections mid-run
+    {upstream_block}
+    server {{
+{server_block}
+    }}
+}}
+""")
+    return conf
+
+
+def start_nginx(
+    name: str, server_block: str, cpu: str, work: Path, stack: contextlib.ExitStack, upstream: str = ""
+) -> Server:
+    prefix = work / name
+    prefix.mkdir()
+    conf = nginx_conf(prefix, server_block, upstream)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return start(name, [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)], cpu, work, stack)
+
+
+def start_backend(port: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    html = work / "html"
+    html.mkdir()
+    (html / FILE_NAME).write_bytes(payload())
+    block = f"""        listen 127.0.0.1:{port} backlog=4096;
+        default_type application/json;
+        location / {{ root {html}; }}"""
+    server = start_nginx("backend", block, LOAD_CPU, work, stack)
+    return Target("direct", f"http://127.0.0.1:{port}{DIRECT_PATH}", server)
+
+
+def start_nginx_proxy(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    upstream = f"upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 1000000; }}"
+    block = f"""        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}"""
+    server = start_nginx("nginx-proxy", block, SERVER_CPU, work, stack, upstream)
+    return Target("nginx-proxy", f"http://127.0.0.1:{port}{DIRECT_PATH}", server)
+
+
+def start_minimal_proxy(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    script = str(BENCH_DIR / "minimal_proxy.py")
+    argv = [sys.executable, script, "--upstream", f"http://127.0.0.1:{backend}", "--port", str(port)]
+    server = start("minimal-proxy", argv, SERVER_CPU, work, stack)
+    return Target("minimal-proxy", f"http://127.0.0.1:{port}{DIRECT_PATH}", server)
+
+
+def gateway_command() -> str:
+    beside = Path(sys.executable).parent / "gateway"  # the venv this script runs in
+    found = str(beside) if beside.exists() else shutil.which("gateway")
+    if not found:
+        raise BenchError("no `gateway` command next to this python or on PATH; `pip install -e .` into this venv")
+    return found
+
+
+def start_gateway(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """The gateway as a plain proxy: no auth, no rate limit, no cache, no admin listener."""
+    config = work / "routes.yaml"
+    config.write_text(f"""listen: {{host: 127.0.0.1, port: {port}}}
+admin: off
+defaults: {{auth: none, rate_limit: off, cache: off}}
+services:
+  static: {{upstreams: ["http://127.0.0.1:{backend}"]}}
+""")
+    argv = [gateway_command(), "run", "-c", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    server = start("gateway", argv, SERVER_CPU, work, stack)
+    return Target("gateway", f"http://127.0.0.1:{port}{GATEWAY_PATH}", server)
+
+
+StartFn = Callable[[int, int, Path, contextlib.ExitStack], Target]
+STARTERS: dict[str, StartFn] = {
+    "nginx-proxy": start_nginx_proxy,
+    "minimal-proxy": start_minimal_proxy,
+    "gateway": start_gateway,
+}
+
+
+def start_targets(names: list[str], work: Path, stack: contextlib.ExitStack) -> list[Target]:
+    """The backend (always) and the named targets, in TARGETS order, each answering correctly."""
+    backend_port = free_port()
+    direct = start_backend(backend_port, work, stack)
+    wait_ready(direct.server, direct.url, payload())
+    targets = [direct] if "direct" in names else []
+    for name in (n for n in TARGETS if n in names and n != "direct"):
+        target = STARTERS[name](free_port(), backend_port, work, stack)
+        wait_ready(target.server, target.url, payload())
+        targets.append(target)
+    return targets

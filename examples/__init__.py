@@ -1,0 +1,1 @@
+"""Demo backends the gateway routes to (DESIGN §1, §2 `gateway demo`)."""

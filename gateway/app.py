@@ -1,0 +1,99 @@
+"""``create_app(config)``: the gateway as an aiohttp application (DESIGN §4, §5).
+
+Pure wiring: typed app keys, the two app-wide middlewares, resources born and closed in
+``cleanup_ctx`` (one pooled ``ClientSession`` per process, then the route table built on
+it), and :func:`dispatch`, the one aiohttp route. Process concerns (sockets, signals,
+workers) live in :mod:`gateway.server`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import hdrs, web
+
+from middleware import base
+from middleware.base import OUTCOME
+from middleware.problem import Problem, ProblemMiddleware
+from middleware.request_id import RequestIdMiddleware
+
+from .chain import ChainDeps, build_route_handler
+from .config import GatewayConfig
+from .proxy import Forwarder
+from .routing import TARGET, RouteTable
+from .upstreams import UpstreamPool
+
+__all__ = ("CONFIG", "ROUTES", "SESSION", "RouteHolder", "create_app", "dispatch")
+
+logger = logging.getLogger(__name__)
+
+
+class RouteHolder:
+    """The live route table; replaced as a whole on reload, so the app key never changes."""
+
+    table: RouteTable | None = None
+
+
+CONFIG = web.AppKey("config", GatewayConfig)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+ROUTES = web.AppKey("routes", RouteHolder)
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(
+        middlewares=[RequestIdMiddleware(trusted_proxies=config.trusted_proxies), ProblemMiddleware()],
+        handler_args={"max_field_size": 16 * 1024},
+    )
+    app[CONFIG] = config
+    app[ROUTES] = RouteHolder()
+    app.cleanup_ctx.extend([client_session, route_table])  # torn down in reverse
+    base.install(app)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+async def client_session(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session per process, with keep-alive to every upstream."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # a shared jar would hand one client's cookies to the next
+        auto_decompress=False,  # bytes pass through untouched (§5)
+        timeout=aiohttp.ClientTimeout(total=None),  # per-route timeouts are set per request
+        skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE),
+        trust_env=False,
+    ) as session:
+        app[SESSION] = session
+        yield
+
+
+async def route_table(app: web.Application) -> AsyncIterator[None]:
+    """Build every route's chain once, on the shared session."""
+    config = app[CONFIG]
+    forwarder = Forwarder(app[SESSION], trusted_proxies=config.trusted_proxies, max_body=config.limits.max_body)
+    pools = {name: UpstreamPool(name, service.upstreams, service.breaker) for name, service in config.services.items()}
+    deps = ChainDeps(forwarder=forwarder, pools=pools)
+    handlers = {route.name: build_route_handler(route, deps) for s in config.services.values() for route in s.routes}
+    app[ROUTES].table = RouteTable(config.services, handlers)
+    yield
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Find the route for the request and run its chain."""
+    table = request.app[ROUTES].table
+    assert table is not None, "route_table runs at startup"
+    match = table.match(request.method, request.raw_path)
+    if match is None:
+        raise Problem(404, f"no service is mapped at {request.path}; services live under /api/<service>/")
+    route = match.route
+    outcome = request[OUTCOME]
+    outcome.service = route.service
+    outcome.route = route.name
+    if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+        if route.websocket is None:
+            raise Problem(400, f"{route.service} does not accept WebSocket upgrades")
+        raise Problem(501, "WebSocket relay is not available in this version")
+    request[TARGET] = match.target
+    return await match.handler(request)

@@ -1,0 +1,145 @@
+"""``/api/<service>/<rest>`` → a route, with the path made safe first (DESIGN §4).
+
+The request target is normalised once, on its raw bytes: percent-escapes of unreserved
+characters are decoded and the rest upper-cased, empty segments (``//``) merged, ``.`` and
+``..`` resolved. A ``..`` that would climb out of ``/api/<service>/`` is a 400, and so is
+anything a backend could read as a different path than the one routes were matched on:
+control characters, a backslash, an encoded slash or backslash (``%2F``, ``%5C``), an
+encoded NUL, or a broken escape. The upstream receives the normalised path and the query
+string exactly as the client sent it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from middleware.base import Handler
+from middleware.problem import Problem
+
+from .config import Route, Service
+
+__all__ = ("API_PREFIX", "TARGET", "Match", "RouteTable", "Target", "normalise_path")
+
+API_PREFIX = "api"
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%(..)?", re.DOTALL)
+_FORBIDDEN_ESCAPES = frozenset({"00", "2F", "5C"})
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
+class PathRejected(ValueError):
+    """The raw path cannot be forwarded safely; the message says why (it becomes the 400 detail)."""
+
+
+def normalise_path(raw: str) -> tuple[list[str], bool]:
+    """Split a raw request path into normalised segments; also say whether it ended in ``/``.
+
+    Raises :class:`PathRejected` for anything unsafe. ``..`` is resolved here; a ``..`` that
+    climbs above the root is rejected (callers add their own floor, see :meth:`RouteTable.match`).
+    """
+    if not raw.startswith("/"):
+        raise PathRejected("the request target must be an absolute path")
+    for char in raw:
+        if char < " " or char == "\x7f":
+            raise PathRejected("control characters are not allowed in the path")
+        if char == "\\":
+            raise PathRejected("backslashes are not allowed in the path")
+    if "%" in raw:
+        raw = _ESCAPE.sub(_normalise_escape, raw)
+    segments: list[str] = []
+    parts = raw.split("/")
+    for part in parts[1:]:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not segments:
+                raise PathRejected("the path climbs above the root")
+            segments.pop()
+            continue
+        segments.append(part)
+    trailing = parts[-1] in ("", ".", "..")
+    return segments, trailing
+
+
+def _normalise_escape(match: re.Match[str]) -> str:
+    digits = match.group(1)
+    if digits is None or not (digits[0] in _HEX and digits[1] in _HEX):
+        raise PathRejected("invalid percent-encoding in the path")
+    digits = digits.upper()
+    if digits in _FORBIDDEN_ESCAPES:
+        raise PathRejected(f"%{digits} is not allowed in the path")
+    char = chr(int(digits, 16))
+    return char if char in _UNRESERVED else f"%{digits}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a matched request goes: its path below the service, and the raw query (None: no '?')."""
+
+    rest: str
+    query: str | None
+
+
+TARGET = web.RequestKey("target", Target)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    handler: Handler
+    target: Target
+
+
+class RouteTable:
+    """The services of one config, each with its routes in match order (first match wins)."""
+
+    def __init__(self, services: Mapping[str, Service], handlers: Mapping[str, Handler]) -> None:
+        self._services = {name: service.routes for name, service in services.items()}
+        self._handlers = handlers  # route name -> built chain
+
+    def match(self, method: str, raw_target: str) -> Match | None:
+        """The route for a raw request target (path and query), or None when no service claims it.
+
+        Raises :class:`Problem` 400 when the path is unsafe or leaves ``/api/<service>/``.
+        """
+        path, question, query = raw_target.partition("?")
+        try:
+            segments, trailing = normalise_path(path)
+        except PathRejected as exc:
+            raise Problem(400, str(exc)) from None
+        if len(segments) < 2 or segments[0] != API_PREFIX:
+            if _climbs_out(path):
+                raise Problem(400, "the path leaves /api/<service>/")
+            return None
+        routes = self._services.get(segments[1])
+        if routes is None:
+            return None
+        if _climbs_out(path):
+            raise Problem(400, "the path leaves /api/<service>/")
+        rest = "/" + "/".join(segments[2:]) if len(segments) > 2 else ""
+        if trailing:
+            rest += "/"
+        target = Target(rest, query if question else None)
+        for route in routes:
+            if route.matches(rest or "/", method):
+                return Match(route, self._handlers[route.name], target)
+        return None  # unreachable: the service's catch-all matches everything
+
+
+def _climbs_out(raw_path: str) -> bool:
+    """True when resolving the dot segments of ``raw_path`` ever goes above ``/api/<service>``."""
+    depth = 0
+    for part in _ESCAPE.sub(lambda m: "." if (m.group(1) or "").upper() == "2E" else m.group(0), raw_path).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            depth -= 1
+            if depth < 2:
+                return True
+        else:
+            depth += 1
+    return False

@@ -1,0 +1,21 @@
+"""The gateway's middlewares: one module each, config schema beside its handler (DESIGN §1, §6)."""
+
+from .auth import AuthMode, AuthPolicy, JwtSettings
+from .cache import CacheConfig
+from .problem import Problem, ProblemMiddleware
+from .rate_limit import RateLimitConfig
+from .request_id import RequestIdMiddleware
+from .schema import ConfigError, Section
+
+__all__ = (
+    "AuthMode",
+    "AuthPolicy",
+    "CacheConfig",
+    "ConfigError",
+    "JwtSettings",
+    "Problem",
+    "ProblemMiddleware",
+    "RateLimitConfig",
+    "RequestIdMiddleware",
+    "Section",
+)

@@ -1,0 +1,100 @@
+"""Errors the gateway answers itself, as RFC 9457 problem+json (DESIGN §5).
+
+Anything in the chain raises :class:`Problem`; :class:`ProblemMiddleware` renders it
+once. aiohttp's own ``HTTPException`` is rendered the same way, and any other exception
+becomes a logged 500, so a client never sees a traceback or an HTML error page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+
+from aiohttp import hdrs, web
+
+from .base import OUTCOME, REQUEST_ID, Handler
+
+__all__ = ("PROBLEM_JSON", "Problem", "ProblemMiddleware", "problem_response")
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class Problem(Exception):
+    """An error the gateway answers itself; rendered once as RFC 9457 problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str = "about:blank",
+    ) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.type = type
+        self.title = title or _phrase(status)
+        self.headers = dict(headers or {})
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem_response(problem: Problem, request_id: str | None) -> web.Response:
+    """The problem+json response for ``problem``."""
+    body = {
+        "type": problem.type,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "request_id": request_id,
+    }
+    response = web.Response(
+        status=problem.status,
+        body=json.dumps(body).encode(),
+        content_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+    response.headers[hdrs.CACHE_CONTROL] = "no-store"
+    return response
+
+
+@web.middleware
+class ProblemMiddleware:
+    """Render :class:`Problem`, aiohttp HTTP errors and unexpected exceptions as problem+json."""
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Problem as problem:
+            return self._render(request, problem)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # redirects and the like are not problems
+            headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+            return self._render(request, Problem(exc.status, detail or exc.reason, headers=headers))
+        except Exception as exc:
+            if request[OUTCOME].status is not None:
+                raise  # the status line is already on the wire: nothing left to tell the client
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            request[OUTCOME].error = type(exc).__name__
+            return self._render(request, Problem(500, "The gateway failed to handle this request"))
+
+    @staticmethod
+    def _render(request: web.Request, problem: Problem) -> web.Response:
+        outcome = request.get(OUTCOME)
+        if outcome is not None and outcome.error is None:
+            outcome.error = problem.detail
+        return problem_response(problem, request.get(REQUEST_ID))

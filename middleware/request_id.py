@@ -1,0 +1,117 @@
+"""Request id, client address and the JSON access log (DESIGN §5, §8).
+
+The outermost middleware: it gives every request an id (the client's, when it sent a sane
+one), works out the client address once (honouring ``trusted_proxies``), and when the
+request is over writes exactly one JSON line from the request's :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
+
+__all__ = ("REQUEST_ID_HEADER", "RequestIdMiddleware", "client_address", "is_trusted")
+
+access_log = logging.getLogger("gateway.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> str:
+    """The client's IP: the peer, unless the peer is a trusted proxy, then the X-Forwarded-For hop
+    nearest to us that is not itself trusted (the rightmost untrusted entry)."""
+    if peer is None:
+        return "unknown"
+    if not trusted or not forwarded_for or not is_trusted(peer, trusted):
+        return peer
+    client = peer
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # garbage from somewhere: stop at the last address we could trust
+        client = hop
+        if not is_trusted(hop, trusted):
+            break
+    return client
+
+
+def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    """True when ``address`` is inside one of the ``trusted`` networks."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+@web.middleware
+class RequestIdMiddleware:
+    """Outermost: id in and out, client address, and the one access-log line per request."""
+
+    def __init__(
+        self,
+        *,
+        trusted_proxies: Sequence[IPNetwork] = (),
+        ids: Callable[[], str] = lambda: uuid.uuid4().hex,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._trusted = tuple(trusted_proxies)
+        self._ids = ids
+        self._clock = clock
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = self._clock()
+        sent = request.headers.get(REQUEST_ID_HEADER)
+        request_id = sent if sent is not None and _SANE_ID.match(sent) else self._ids()
+        request[REQUEST_ID] = request_id
+        request[CLIENT_IP] = client_address(request.remote, request.headers.get("X-Forwarded-For"), self._trusted)
+        outcome = request[OUTCOME] = Outcome()
+        add_response_headers(request, {REQUEST_ID_HEADER: request_id})
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except BaseException as exc:
+            # the client went away or the stream broke after the headers went out
+            status = outcome.status if outcome.status is not None else 499
+            outcome.error = outcome.error or type(exc).__name__
+            raise
+        finally:
+            self._log(request, outcome, status, self._clock() - started)
+
+    @staticmethod
+    def _log(request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "request_id": request[REQUEST_ID],
+            "client": request[CLIENT_IP],
+            "method": request.method,
+            "path": request.raw_path.partition("?")[0],
+            "service": outcome.service,
+            "route": outcome.route,
+            "upstream": outcome.upstream,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "cache": outcome.cache,
+            "ratelimit_remaining": outcome.ratelimit_remaining,
+            "sub": outcome.sub,
+        }
+        if outcome.error:
+            line["error"] = outcome.error
+        access_log.info(json.dumps(line, separators=(",", ":")))

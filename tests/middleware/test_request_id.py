@@ -1,0 +1,111 @@
+"""Request id in and out, client address, and the access-log line (DESIGN §5, §8)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+
+import pytest
+from aiohttp import web
+
+from middleware.base import CLIENT_IP
+from middleware.problem import Problem
+from middleware.request_id import RequestIdMiddleware, client_address
+
+from .conftest import MakeClient
+
+
+async def test_request_id_is_generated_and_echoed(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.get("/")
+    assert len(response.headers["X-Request-ID"]) == 32
+
+
+async def test_sane_client_request_id_is_kept(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.get("/", headers={"X-Request-ID": "abc-123.trace"})
+    assert response.headers["X-Request-ID"] == "abc-123.trace"
+
+
+@pytest.mark.parametrize(
+    "sent", ["a" * 200, "with space", "semi;colon", ""], ids=["long", "space", "semicolon", "empty"]
+)
+async def test_insane_client_request_id_is_replaced(make_client: MakeClient, sent: str) -> None:
+    client = await make_client()
+    response = await client.get("/", headers={"X-Request-ID": sent})
+    assert response.headers["X-Request-ID"] != sent
+    assert len(response.headers["X-Request-ID"]) == 32
+
+
+async def test_request_id_is_on_problem_responses(make_client: MakeClient) -> None:
+    async def fail(request: web.Request) -> web.StreamResponse:
+        raise Problem(418, "no coffee")
+
+    client = await make_client(handler=fail)
+    response = await client.get("/", headers={"X-Request-ID": "rid-1"})
+    assert response.status == 418
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert await response.json() == {
+        "type": "about:blank", "title": "I'm a Teapot", "status": 418, "detail": "no coffee", "request_id": "rid-1",
+    }  # fmt: skip
+    assert response.headers["X-Request-ID"] == "rid-1"
+
+
+async def test_unexpected_exception_is_a_problem_500_and_logged(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def crash(request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("bug")
+
+    client = await make_client(handler=crash)
+    with caplog.at_level(logging.ERROR, logger="middleware.problem"):
+        response = await client.get("/")
+    assert response.status == 500
+    body = await response.json()
+    assert body["status"] == 500 and "bug" not in body["detail"]
+    assert any("unhandled error" in r.getMessage() for r in caplog.records)
+
+
+async def test_access_log_is_one_json_line_per_request(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client()
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        await client.get("/some/path?token=secret", headers={"X-Request-ID": "rid-2"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "rid-2"
+    assert line["method"] == "GET" and line["path"] == "/some/path" and line["status"] == 200
+    assert "secret" not in json.dumps(line)
+    assert set(line) >= {"time", "service", "upstream", "duration_ms", "cache", "ratelimit_remaining", "sub"}
+
+
+TRUSTED = [ipaddress.ip_network("10.0.0.0/8")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        pytest.param("1.2.3.4", "9.9.9.9", "1.2.3.4", id="untrusted peer: header ignored"),
+        pytest.param("10.0.0.1", "9.9.9.9", "9.9.9.9", id="trusted peer: header used"),
+        pytest.param("10.0.0.1", "6.6.6.6, 9.9.9.9, 10.0.0.2", "9.9.9.9", id="rightmost untrusted hop"),
+        pytest.param("10.0.0.1", "garbage, 9.9.9.9", "9.9.9.9", id="garbage stops the walk"),
+        pytest.param("10.0.0.1", "10.0.0.3", "10.0.0.3", id="all trusted: the farthest"),
+        pytest.param("10.0.0.1", None, "10.0.0.1", id="no header"),
+    ],
+)
+def test_client_address_honours_trusted_proxies(peer: str, xff: str | None, expected: str) -> None:
+    assert client_address(peer, xff, TRUSTED) == expected
+
+
+async def test_client_address_is_on_the_request(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    async def show(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=request[CLIENT_IP])
+
+    app = web.Application(middlewares=[RequestIdMiddleware(trusted_proxies=[ipaddress.ip_network("127.0.0.1/32")])])
+    app.router.add_get("/", show)
+    client = await aiohttp_client(app)
+    response = await client.get("/", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert await response.text() == "203.0.113.9"
