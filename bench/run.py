@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, server logs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.no_readme = 2, 1, True
@@ -124,13 +125,17 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def bench(args: argparse.Namespace) -> str:
     plan = Plan.for_duration(args.duration, args.rounds)
-    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp, contextlib.ExitStack() as stack:
-        work = Path(tmp)
-        work.chmod(0o755)
+    with contextlib.ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+        work.chmod(0o755)  # nginx workers read the static file from here
+        if args.keep:
+            print(f"configs and logs kept in {work}", flush=True)
+        else:
+            stack.callback(shutil.rmtree, work, ignore_errors=True)  # runs after the servers stop
         targets = start_targets(args.targets, work, stack)
         print(f"measuring {', '.join(t.name for t in targets)}: about {plan.total_seconds(len(targets))} s", flush=True)
         samples = run_rounds(targets, plan)
-        logs = {t.name: t.server.log_path.read_text(errors="replace") for t in targets if t.name in AIOHTTP_TARGETS}
+        logs = {t.name: t.server.log_head() for t in targets if t.name in AIOHTTP_TARGETS}
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in samples.items()}, indent=2))
     return results_section(samples, plan.describe(), logs)

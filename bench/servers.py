@@ -97,8 +97,14 @@ class Server:
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.proc.pid)
 
+    def log_head(self, size: int = 8192) -> str:
+        with self.log_path.open("rb") as log:
+            return log.read(size).decode(errors="replace")
+
     def log_tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
+        with self.log_path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            text = log.read().decode(errors="replace").splitlines()
         return "\n".join(f"    {line}" for line in text[-lines:])
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ workers) live in :mod:`gateway.server`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -15,6 +16,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from middleware import base
+from middleware.auth import KeySource, claim_header_names, claim_headers
 from middleware.base import OUTCOME
 from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
@@ -25,7 +27,7 @@ from .proxy import Forwarder
 from .routing import TARGET, RouteTable
 from .upstreams import UpstreamPool
 
-__all__ = ("CONFIG", "ROUTES", "SESSION", "RouteHolder", "create_app", "dispatch")
+__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "RouteHolder", "create_app", "dispatch")
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class RouteHolder:
 CONFIG = web.AppKey("config", GatewayConfig)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ROUTES = web.AppKey("routes", RouteHolder)
+KEYS = web.AppKey("keys", KeySource)
 
 
 def create_app(config: GatewayConfig) -> web.Application:
@@ -48,7 +51,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[ROUTES] = RouteHolder()
-    app.cleanup_ctx.extend([client_session, route_table])  # torn down in reverse
+    app.cleanup_ctx.extend([client_session, jwt_keys, route_table])  # torn down in reverse
     base.install(app)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
@@ -69,12 +72,34 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def jwt_keys(app: web.Application) -> AsyncIterator[None]:
+    """The JWT verification keys: a static key, or a JWKS fetched on the shared session."""
+    settings = app[CONFIG].jwt
+    if settings is None:
+        yield
+        return
+    keys = KeySource(settings, session=app[SESSION])
+    await keys.start()
+    app[KEYS] = keys
+    try:
+        yield
+    finally:
+        await keys.aclose()
+
+
 async def route_table(app: web.Application) -> AsyncIterator[None]:
     """Build every route's chain once, on the shared session."""
     config = app[CONFIG]
-    forwarder = Forwarder(app[SESSION], trusted_proxies=config.trusted_proxies, max_body=config.limits.max_body)
+    jwt = config.jwt
+    forwarder = Forwarder(
+        app[SESSION],
+        trusted_proxies=config.trusted_proxies,
+        max_body=config.limits.max_body,
+        strip_headers=frozenset(claim_header_names(jwt)) if jwt else frozenset(),
+        claim_headers=functools.partial(claim_headers, jwt) if jwt else None,
+    )
     pools = {name: UpstreamPool(name, service.upstreams, service.breaker) for name, service in config.services.items()}
-    deps = ChainDeps(forwarder=forwarder, pools=pools)
+    deps = ChainDeps(forwarder=forwarder, pools=pools, jwt=jwt, keys=app.get(KEYS))
     handlers = {route.name: build_route_handler(route, deps) for s in config.services.values() for route in s.routes}
     app[ROUTES].table = RouteTable(config.services, handlers)
     yield

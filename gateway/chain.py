@@ -16,7 +16,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from middleware.auth import AuthMode
+from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource
 from middleware.base import Handler, Middleware
 
 from .config import Route
@@ -32,6 +32,8 @@ class ChainDeps:
 
     forwarder: Forwarder
     pools: dict[str, UpstreamPool]  # by service name
+    jwt: JwtSettings | None
+    keys: KeySource | None  # verification keys (static or JWKS), when jwt: is configured
 
 
 def compose(middlewares: Sequence[Middleware], endpoint: Handler) -> Handler:
@@ -47,6 +49,9 @@ def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
     endpoint: Handler = RouteProxy(deps.forwarder, route, deps.pools[route.service])
     chain: list[Middleware] = []
     if route.auth.mode is not AuthMode.NONE:
-        # Fail closed until the JWT middleware is wired in: never serve a protected route open.
-        raise RuntimeError(f"route {route.name}: auth {route.auth.mode.value} is not supported yet")
+        if deps.jwt is None or deps.keys is None:  # config.py refuses this; never serve a protected route open
+            raise RuntimeError(f"route {route.name} uses auth but there is no jwt: section")
+        chain.append(
+            JwtAuthMiddleware(route.auth, settings=deps.jwt, keys=deps.keys, websocket=route.websocket is not None)
+        )
     return compose(chain, endpoint)

@@ -26,7 +26,7 @@ from middleware.auth import AuthMode, AuthPolicy, JwtSettings
 from middleware.base import IPNetwork
 from middleware.cache import CacheConfig
 from middleware.rate_limit import RateLimitConfig
-from middleware.schema import ConfigError, Section
+from middleware.schema import ConfigError, Section, describe, is_off
 
 from .websocket import WebSocketConfig
 from .yamlsource import LocatedError, Source, YamlError, parse_yaml
@@ -50,6 +50,7 @@ ROUTE_KEYS = ("auth", "scopes", "rate_limit", "cache", "timeout", "connect_timeo
 SERVICE_KEYS = ("upstreams", "websocket", "routes", "circuit_breaker")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 T = TypeVar("T")
+_STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "unix")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
 
@@ -97,7 +98,8 @@ class BreakerConfig:
 @dataclass(frozen=True, slots=True)
 class PathPattern:
     """A per-path route pattern, relative to the service: ``/public/*`` matches everything below
-    ``/public/``; a ``*`` elsewhere matches within one segment; anything else is exact."""
+    ``/public/`` (``/public`` itself needs its own route); a ``*`` elsewhere matches within one
+    segment; anything else is exact."""
 
     text: str
     regex: re.Pattern[str] = field(compare=False)
@@ -106,14 +108,19 @@ class PathPattern:
     def compile(cls, text: str) -> PathPattern:
         if not text.startswith("/"):
             raise ValueError("must start with /")
-        parts = text.split("*")
-        body = "[^/]*".join(re.escape(p) for p in parts)
-        if text.endswith("/*"):
-            body = "[^/]*".join(re.escape(p) for p in parts[:-1]) + ".*"
-        return cls(text, re.compile(f"^{body}$"))
+        inner = text.split("/")[1:-1]  # a trailing slash is allowed; the segments before it must be plain
+        if any(segment in ("", ".", "..") for segment in inner) or "?" in text or "#" in text or "\\" in text:
+            raise ValueError("expected a normalised path: no //, . or .. segments, query or fragment")
+        if text.endswith("/*"):  # everything below /admin/, not /admin itself (as Traefik's PathPrefix(`/admin/`))
+            return cls(text, re.compile(f"^{_segments(text[:-1])}.*$"))
+        return cls(text, re.compile(f"^{_segments(text)}$"))
 
     def matches(self, path: str) -> bool:
         return self.regex.match(path) is not None
+
+
+def _segments(text: str) -> str:
+    return "[^/]*".join(re.escape(part) for part in text.split("*"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,6 +189,7 @@ class _Loader:
     def __init__(self, source: Source) -> None:
         self._source = source
         self._errors: list[ConfigError] = []
+        self._needs_jwt: ConfigError | None = None  # the first place that uses auth, for a missing jwt:
 
     def load(self) -> GatewayConfig:
         data = self._source.data
@@ -189,40 +197,39 @@ class _Loader:
             raise ConfigInvalid([self._source.locate(ConfigError("", "expected a mapping at the top of the file"))])
         top = Section.single("", data, path="")
         listen = self._guard(lambda: _listen(_sub(top, "listen")), Listen())
-        admin = self._guard(lambda: _admin(_sub(top, "admin")), AdminConfig())
+        admin = self._guard(lambda: _admin(_sub(top, "admin", can_be_off=True)), AdminConfig())
         store = self._guard(lambda: _store(_sub(top, "store")), StoreConfig())
         limits = self._guard(lambda: _limits(_sub(top, "limits")), Limits())
         no_networks: tuple[IPNetwork, ...] = ()
         trusted = self._guard(lambda: _networks(top, "trusted_proxies"), no_networks)
+        jwt_raw = top.raw("jwt", None)
         jwt = None
-        if top.has("jwt") and top.raw("jwt") is not None:
+        if jwt_raw is not None and not is_off(jwt_raw):
             jwt = self._guard(lambda: JwtSettings.parse(_sub(top, "jwt")), None)
-        defaults = top.raw("defaults", {})
+        defaults = top.raw("defaults", None)
         services_raw = top.raw("services", None)
-        self._guard(top.done, None)
-        if not isinstance(defaults, dict):
-            self._errors.append(ConfigError("defaults", "expected a mapping"))
+        self._errors.extend(top.unknown())
+        self._guard(lambda: _check_listeners(listen, admin), None)
+        if defaults is None:
             defaults = {}
+        elif not isinstance(defaults, dict):
+            self._errors.append(ConfigError("defaults", f"expected a mapping, got {describe(defaults)}"))
+            defaults = {}
+        else:
+            self._route_settings(Section.layered("defaults", [("defaults", defaults)]), "defaults", defaults=True)
         services: dict[str, Service] = {}
-        self._guard(lambda: self._check_defaults(defaults), None)
         if services_raw is None:
             self._errors.append(ConfigError("services", "required key is missing: at least one service"))
         elif not isinstance(services_raw, dict):
             self._errors.append(ConfigError("services", "expected a mapping of service name to service"))
-        else:
-            for name, raw in services_raw.items():
-                try:
-                    services[name] = self._service(name, raw, defaults)
-                except ConfigError as exc:
-                    self._errors.append(exc)
-        if (
-            jwt is None
-            and any(r.auth.mode is not AuthMode.NONE for s in services.values() for r in s.routes)
-            and not self._errors
-        ):
-            self._errors.append(
-                ConfigError("jwt", "routes use auth (the default is `auth: required`) but no jwt: section is set")
-            )
+        elif not services_raw:
+            self._errors.append(ConfigError("services", "at least one service is needed"))
+        for name, raw in services_raw.items() if isinstance(services_raw, dict) else ():
+            service = self._service(name, raw, defaults)
+            if service is not None:
+                services[name] = service
+        if (jwt_raw is None or is_off(jwt_raw)) and self._needs_jwt is not None:
+            self._errors.append(self._needs_jwt)
         if self._errors:
             located = {str(e): e for e in (self._source.locate(error) for error in self._errors)}
             raise ConfigInvalid(sorted(located.values(), key=lambda e: (e.line, e.column)))
@@ -244,65 +251,140 @@ class _Loader:
             self._errors.append(exc)
             return fallback
 
-    def _check_defaults(self, defaults: dict[str, object]) -> None:
-        section = Section.layered("defaults", [("defaults", defaults)])
-        _route_settings(section, "defaults")
-        section.done()
-
-    def _service(self, name: str, raw: object, defaults: dict[str, object]) -> Service:
+    def _service(self, name: str, raw: object, defaults: dict[str, object]) -> Service | None:
+        """The service at ``services.<name>``, or None when it has errors (all of them recorded)."""
         path = f"services.{name}"
         if not _SERVICE_NAME.match(name):
-            raise ConfigError(path, "service names are letters, digits, '_', '.', '-' (they appear in URLs)")
+            message = "service names are letters, digits, '_', '.', '-' (they appear in URLs)"
+            self._errors.append(ConfigError(path, message, at_key=True))
+            return None
         if not isinstance(raw, dict):
-            raise ConfigError(path, "expected a mapping with at least `upstreams:`")
+            self._errors.append(ConfigError(path, "expected a mapping with at least `upstreams:`"))
+            return None
+        before = len(self._errors)
         own = Section.single(path, {k: v for k, v in raw.items() if k in SERVICE_KEYS}, path=path)
-        upstreams = _upstreams(own)
-        websocket = WebSocketConfig.parse(own.child("websocket"))
-        breaker = _breaker(own.child("circuit_breaker")) if own.has("circuit_breaker") else BreakerConfig()
-        overrides = own.raw("routes", [])
-        if not isinstance(overrides, list):
-            raise own.error("routes", "expected a list of {path: ..., ...} overrides")
+        no_urls: tuple[URL, ...] = ()
+        upstreams = self._guard(lambda: _upstreams(own), no_urls)
+        websocket = self._guard(lambda: WebSocketConfig.parse(own.child("websocket")), None)
+        breaker = self._guard(lambda: _breaker(own), BreakerConfig())
+        no_overrides: list[object] = []
+        overrides = self._guard(lambda: _overrides(own), no_overrides)
         service_layer = {k: v for k, v in raw.items() if k not in SERVICE_KEYS}
-        common = {"service": name, "upstreams": upstreams, "websocket": websocket}
-        routes = []
+        routes: list[Route] = []
         for index, override in enumerate(overrides):
-            route_path = f"{path}.routes.{index}"
-            if not isinstance(override, dict):
-                raise ConfigError(route_path, "expected a mapping with `path:`")
-            section = Section.layered("route", [("defaults", defaults), (path, service_layer), (route_path, override)])
-            try:
-                pattern = PathPattern.compile(section.text("path"))
-            except ValueError as exc:
-                raise section.error("path", str(exc)) from None
-            methods = _methods(section)
-            routes.append(
-                Route(name=f"{name}/routes/{index}", pattern=pattern, methods=methods,
-                      **common, **_route_settings(section, route_path))  # type: ignore[arg-type]
-            )  # fmt: skip
-            section.done()
+            route = self._override(name, index, override, defaults, service_layer, upstreams, websocket)
+            if route is not None:
+                routes.append(route)
         section = Section.layered("route", [("defaults", defaults), (path, service_layer)])
-        routes.append(
-            Route(name=name, pattern=None, methods=None, **common, **_route_settings(section, path))  # type: ignore[arg-type]
-        )
-        section.done()
+        settings = self._route_settings(section, path)
+        if settings is None or len(self._errors) > before:
+            return None
+        routes.append(settings.route(service=name, name=name, pattern=None, methods=None, upstreams=upstreams,
+                                     websocket=websocket))  # fmt: skip
         return Service(name=name, upstreams=upstreams, breaker=breaker, routes=tuple(routes))
 
+    def _override(
+        self,
+        service: str,
+        index: int,
+        raw: object,
+        defaults: dict[str, object],
+        service_layer: dict[str, object],
+        upstreams: tuple[URL, ...],
+        websocket: WebSocketConfig | None,
+    ) -> Route | None:
+        """``services.<service>.routes.<index>`` over the service and defaults, or None on errors."""
+        service_path = f"services.{service}"
+        path = f"{service_path}.routes.{index}"
+        if not isinstance(raw, dict):
+            self._errors.append(ConfigError(path, f"expected a mapping with `path:`, got {describe(raw)}"))
+            return None
+        section = Section.layered("route", [("defaults", defaults), (service_path, service_layer), (path, raw)])
+        pattern = self._guard(lambda: _pattern(section), None)
+        methods = self._guard(lambda: _methods(section), None)
+        settings = self._route_settings(section, path)
+        if pattern is None or settings is None:
+            return None
+        return settings.route(service=service, name=f"{service}/routes/{index}", pattern=pattern, methods=methods,
+                              upstreams=upstreams, websocket=websocket)  # fmt: skip
 
-def _sub(top: Section, key: str) -> Section:
-    """A top-level section; absent or null means all defaults."""
+    def _route_settings(self, section: Section, path: str, *, defaults: bool = False) -> _Settings | None:
+        """The per-route keys of a merged section, every error recorded; None when there were any."""
+        before = len(self._errors)
+        settings = _Settings(
+            timeout=self._guard(lambda: section.duration("timeout", 30.0, positive=True), 30.0),
+            connect_timeout=self._guard(lambda: section.duration("connect_timeout", 2.0, positive=True), 2.0),
+            retries=self._guard(lambda: section.integer("retries", 1, maximum=10), 1),
+            auth=self._guard(lambda: AuthPolicy.parse(section), AuthPolicy()),
+            rate_limit=self._guard(lambda: RateLimitConfig.parse(section.child("rate_limit")), None),
+            cache=self._guard(lambda: CacheConfig.parse(section.child("cache")), None),
+        )
+        for key in ROUTE_KEYS:
+            section.raw(key, None)  # read even when a parser stopped early: only typos are unknown
+        self._errors.extend(section.unknown())
+        if len(self._errors) > before:
+            return None
+        if not defaults and settings.auth.mode is not AuthMode.NONE and self._needs_jwt is None:
+            if section.has("auth"):
+                self._needs_jwt = section.error("auth", f"auth: {settings.auth.mode.value} needs a jwt: section")
+            else:
+                message = "auth: required (the default) needs a jwt: section, or set auth: none"
+                self._needs_jwt = ConfigError(path, message, at_key=True)
+        return settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Settings:
+    """The keys a route inherits from the service and ``defaults`` (see :class:`Route`)."""
+
+    timeout: float
+    connect_timeout: float
+    retries: int
+    auth: AuthPolicy
+    rate_limit: RateLimitConfig | None
+    cache: CacheConfig | None
+
+    def route(self, *, service: str, name: str, pattern: PathPattern | None, methods: frozenset[str] | None,
+              upstreams: tuple[URL, ...], websocket: WebSocketConfig | None) -> Route:  # fmt: skip
+        return Route(service=service, name=name, pattern=pattern, methods=methods, upstreams=upstreams,
+                     websocket=websocket, timeout=self.timeout, connect_timeout=self.connect_timeout,
+                     retries=self.retries, auth=self.auth, rate_limit=self.rate_limit, cache=self.cache)  # fmt: skip
+
+
+def _sub(top: Section, key: str, *, can_be_off: bool = False) -> Section:
+    """A top-level section; absent or empty means all defaults."""
     raw = top.raw(key, None)
-    return Section.single(key, {} if raw is None else raw, path=key)
+    if raw is None:
+        raw = {}
+    elif not isinstance(raw, dict) and not (can_be_off and is_off(raw)):
+        raise top.error(key, f"expected a mapping, got {describe(raw)}")
+    return Section.single(key, raw, path=key)
 
 
-def _route_settings(section: Section, path: str) -> dict[str, object]:
-    return {
-        "timeout": section.duration("timeout", 30.0, positive=True),
-        "connect_timeout": section.duration("connect_timeout", 2.0, positive=True),
-        "retries": section.integer("retries", 1, maximum=10),
-        "auth": AuthPolicy.parse(section),
-        "rate_limit": RateLimitConfig.parse(section.child("rate_limit")),
-        "cache": CacheConfig.parse(section.child("cache")),
-    }
+def _check_listeners(listen: Listen, admin: AdminConfig) -> None:
+    wildcard = ("0.0.0.0", "::", "")
+    if (
+        admin.enabled
+        and admin.port == listen.port != 0
+        and (admin.host == listen.host or admin.host in wildcard or listen.host in wildcard)
+    ):
+        raise ConfigError("admin.port", "the admin listener must not share the public listener's address")
+
+
+def _overrides(service: Section) -> list[object]:
+    overrides = service.raw("routes", [])
+    if overrides is None:
+        return []
+    if not isinstance(overrides, list):
+        raise service.error("routes", "expected a list of {path: ..., ...} overrides")
+    return overrides
+
+
+def _pattern(section: Section) -> PathPattern:
+    try:
+        return PathPattern.compile(section.text("path"))
+    except ValueError as exc:
+        raise section.error("path", str(exc)) from None
 
 
 def _methods(section: Section) -> frozenset[str] | None:
@@ -310,6 +392,8 @@ def _methods(section: Section) -> frozenset[str] | None:
         section.raw("methods", None)
         return None
     methods = {m.upper() for m in section.text_list("methods")}
+    if not methods:
+        raise section.error("methods", "expected at least one method (leave methods out for all of them)")
     unknown = methods - _METHODS
     if unknown:
         raise section.error("methods", f"unknown method {sorted(unknown)[0]}")
@@ -337,7 +421,14 @@ def _upstreams(section: Section) -> tuple[URL, ...]:
     return tuple(urls)
 
 
-def _breaker(section: Section) -> BreakerConfig:
+def _breaker(service: Section) -> BreakerConfig:
+    section = service.child("circuit_breaker")
+    if not service.has("circuit_breaker"):
+        return BreakerConfig()
+    if section.is_off():
+        raise service.error(
+            "circuit_breaker", "the circuit breaker cannot be switched off; expected {failures, cooldown}"
+        )
     config = BreakerConfig(
         failures=section.positive_int("failures", 3), cooldown=section.duration("cooldown", 10.0, positive=True)
     )
@@ -365,8 +456,13 @@ def _admin(section: Section) -> AdminConfig:
 
 def _store(section: Section) -> StoreConfig:
     url = section.text("url", "memory://")
-    if not url.startswith(("memory://", "redis://", "rediss://", "redis+cluster://", "unix://")):
-        raise section.error("url", "expected memory://, redis://, rediss:// or redis+cluster://")
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme not in _STORE_SCHEMES:
+        raise section.error(
+            "url", "expected memory://, redis://host:port/db, rediss://... or redis+cluster://h1:p1,h2:p2"
+        )
+    if scheme != "memory" and not rest.strip("/"):
+        raise section.error("url", f"{scheme}:// needs a host (or a socket path for unix://)")
     store = StoreConfig(
         url=url,
         on_error=section.text("on_error", "allow", choices=("allow", "deny", "local")),
@@ -387,11 +483,13 @@ def _limits(section: Section) -> Limits:
 
 
 def _networks(top: Section, key: str) -> tuple[IPNetwork, ...]:
-    entries = top.text_list(key, ())
+    if top.raw(key, None) is None:
+        return ()
+    entries = top.text_list(key)
     networks = []
     for index, entry in enumerate(entries):
         try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError:
             raise ConfigError(f"{key}.{index}", f"expected an IP address or CIDR, got {entry!r}") from None
     return tuple(networks)

@@ -24,7 +24,8 @@ from .tokens import mint_token
 
 __all__ = ("DEV_SECRET", "run_demo")
 
-DEV_SECRET = "dev-secret-change-me"  # what `${JWT_SECRET:-...}` falls back to in the demo routes.yaml
+# What `${JWT_SECRET:-...}` falls back to in the demo routes.yaml.
+DEV_SECRET = "dev-secret-change-me-not-for-production"
 _LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -72,7 +73,7 @@ async def _start_users(config: GatewayConfig, runners: list[web.AppRunner]) -> l
     for url in service.upstreams if service else ():
         if url.host not in _LOOPBACK or url.port is None:
             continue
-        runner = web.AppRunner(users.create_app(name=f"users@{url.port}"), access_log=None)
+        runner = web.AppRunner(users.create_app(name="users"), access_log=None)
         await runner.setup()
         runners.append(runner)
         await web.TCPSite(runner, "127.0.0.1", url.port).start()
@@ -101,7 +102,7 @@ def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
             f"  TOKEN={token}",
             f'  curl -i -H "Authorization: Bearer $TOKEN" {base}/api/users/whoami',
             f'  curl -i -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\\n'
-            f"       -d '{{\"name\": \"dave\", \"email\": \"dave@example.com\"}}' {base}/api/users/users",
+            f'       -d \'{{"name": "dave", "email": "dave@example.com"}}\' {base}/api/users/users',
         ]
     lines += ["", "Access log (one JSON line per request) follows:", ""]
     return "\n".join(lines)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -71,7 +72,7 @@ async def _limited(content: aiohttp.StreamReader, state: _BodyLimit) -> AsyncIte
         state.seen += len(chunk)
         if state.seen > state.limit:
             state.exceeded = True
-            raise _BodyTooLarge
+            raise _BodyTooLarge(f"over {state.limit} bytes")
         yield chunk
 
 
@@ -93,7 +94,7 @@ class Forwarder:
         trusted_proxies: Sequence[IPNetwork],
         max_body: int,
         strip_headers: frozenset[str] = frozenset(),
-        claim_headers: Callable[[dict[str, object] | None], dict[str, str]] | None = None,
+        claim_headers: Callable[[Mapping[str, Any] | None], dict[str, str]] | None = None,
     ) -> None:
         self.session = session
         self._trusted = tuple(trusted_proxies)
@@ -190,32 +191,33 @@ class RouteProxy:
         """Translate aiohttp's client errors for one attempt; raise _Retry when another may be made:
         after a failed connect (nothing reached the upstream) for any method, after a reset only
         for idempotent methods, and never once the client's streamed body has been read."""
-        where = f"upstream {upstream.base}"
-        replayable = can_retry and (limit is None or not limit.consumed)
         try:
             yield
-        except aiohttp.ConnectionTimeoutError:
-            self._pool.failed(upstream)
-            if replayable:
-                raise _Retry from None
-            raise Problem(504, f"{where} did not accept a connection in time") from None
-        except aiohttp.ClientConnectorError:
-            self._pool.failed(upstream)
-            if replayable:
-                raise _Retry from None
-            raise Problem(502, f"{where} refused the connection") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise Problem(504, f"{where} did not answer within {self._route.timeout:g}s") from None
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             if limit is not None and limit.exceeded:
                 raise Problem(413, f"the request body is over the limit of {limit.limit} bytes") from None
-            if replayable and idempotent:
+            replayable = can_retry and (limit is None or not limit.consumed)
+            if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                self._pool.failed(upstream)
+                if replayable:
+                    raise _Retry from None
+            elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError) and replayable and idempotent:
                 raise _Retry from None
-            raise Problem(502, f"{where} closed the connection: {type(exc).__name__}") from None
-        except aiohttp.ClientResponseError as exc:
-            raise Problem(502, f"{where} sent an invalid response: {exc.message}") from None
-        except aiohttp.ClientError as exc:
-            raise Problem(502, f"{where} failed: {type(exc).__name__}") from None
+            raise self._problem(upstream, exc) from None
+
+    def _problem(self, upstream: Upstream, exc: BaseException) -> Problem:
+        where = f"upstream {upstream.base}"
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return Problem(504, f"{where} did not accept a connection within {self._route.connect_timeout:g}s")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return Problem(502, f"{where} refused the connection")
+        if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+            return Problem(504, f"{where} did not answer within {self._route.timeout:g}s")
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return Problem(502, f"{where} sent an invalid response: {exc.message}")
+        if isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+            return Problem(502, f"{where} closed the connection: {type(exc).__name__}")
+        return Problem(502, f"{where} failed: {type(exc).__name__}")
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         drop = HOP_BY_HOP | connection_named(upstream.headers)

@@ -111,15 +111,13 @@ class RouteTable:
             segments, trailing = normalise_path(path)
         except PathRejected as exc:
             raise Problem(400, str(exc)) from None
+        if ("." in path or "%" in path) and _climbs_out(path):
+            raise Problem(400, "the path leaves /api/<service>/")
         if len(segments) < 2 or segments[0] != API_PREFIX:
-            if _climbs_out(path):
-                raise Problem(400, "the path leaves /api/<service>/")
             return None
         routes = self._services.get(segments[1])
         if routes is None:
             return None
-        if _climbs_out(path):
-            raise Problem(400, "the path leaves /api/<service>/")
         rest = "/" + "/".join(segments[2:]) if len(segments) > 2 else ""
         if trailing:
             rest += "/"

@@ -1,7 +1,8 @@
 """The gateway's middlewares: one module each, config schema beside its handler (DESIGN §1, §6)."""
 
-from .auth import AuthMode, AuthPolicy, JwtSettings
+from .auth import AuthMode, AuthPolicy, JwtAuthMiddleware, JwtSettings, claim_header_names, claim_headers
 from .cache import CacheConfig
+from .jwks import KeySource
 from .problem import Problem, ProblemMiddleware
 from .rate_limit import RateLimitConfig
 from .request_id import RequestIdMiddleware
@@ -12,10 +13,14 @@ __all__ = (
     "AuthPolicy",
     "CacheConfig",
     "ConfigError",
+    "JwtAuthMiddleware",
     "JwtSettings",
+    "KeySource",
     "Problem",
     "ProblemMiddleware",
     "RateLimitConfig",
     "RequestIdMiddleware",
     "Section",
+    "claim_header_names",
+    "claim_headers",
 )

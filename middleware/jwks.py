@@ -8,8 +8,9 @@ can therefore never be checked against public-key bytes used as an HMAC secret, 
 JWKS never yields an HMAC key (``oct`` entries are ignored).
 
 The JWKS is fetched with the app's own ``aiohttp.ClientSession`` (never pyjwt's blocking
-``PyJWKClient``), kept for the response's ``Cache-Control: max-age`` (else ``jwks_cache``),
-refreshed in the background once it is stale, and refetched when a token names an unknown
+``PyJWKClient``); each entry becomes a ``jwt.PyJWK``. It is kept for the response's
+``Cache-Control: max-age`` (else ``jwks_cache``; a day at most), refreshed in the
+background once it is stale (requests meanwhile use the stale keys), and refetched when a token names an unknown
 ``kid``. Whatever triggers it, a fetch starts at most once per ``jwks_cooldown`` and
 concurrent callers share the one in flight, so a flood of made-up kids costs the JWKS
 server nothing. A failed fetch keeps the last good key set (logged as a warning).
@@ -50,6 +51,7 @@ _EC_ALGORITHMS = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1, "ES512": ec.SECP
 ASYMMETRIC_ALGORITHMS = _RSA_ALGORITHMS | frozenset(_EC_ALGORITHMS) | {"EdDSA"}
 
 _MAX_JWKS_BYTES = 1024 * 1024
+_MAX_CACHE = 86400.0  # a year-long max-age would keep a revoked key that long
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
 
 
@@ -64,7 +66,7 @@ class VerificationKey:
     weak: bool = False  # shorter than pyjwt recommends (already logged once; pyjwt's warning is muted)
 
 
-def key_algorithms(key: object) -> frozenset[str]:
+def _key_algorithms(key: object) -> frozenset[str]:
     """The JWS algorithms a key of this type can verify (its family)."""
     if isinstance(key, bytes):
         return HMAC_ALGORITHMS
@@ -78,7 +80,7 @@ def key_algorithms(key: object) -> frozenset[str]:
 
 
 def _verification_key(key: object, allowed: Iterable[str]) -> VerificationKey | None:
-    algorithms = tuple(sorted(key_algorithms(key).intersection(allowed)))
+    algorithms = tuple(sorted(_key_algorithms(key).intersection(allowed)))
     if not algorithms:
         return None
     checks = jwt.get_algorithm_by_name  # module-level read-only lookup; no shared state is mutated
@@ -199,7 +201,7 @@ class KeySource:
             )  # fmt: skip
         else:
             self._jwks = keys
-            self._fresh_until = self._clock() + (self._cache_for if max_age is None else max_age)
+            self._fresh_until = self._clock() + min(self._cache_for if max_age is None else max_age, _MAX_CACHE)
         finally:
             self._fetching = None
 

@@ -9,6 +9,7 @@ read into an "unknown key" error (typos never pass silently).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Final
@@ -17,15 +18,19 @@ __all__ = (
     "MISSING",
     "ConfigError",
     "Section",
+    "describe",
     "is_off",
+    "is_on",
     "parse_duration",
     "parse_size",
 )
 
 OFF_WORDS: Final = frozenset({"off", "none", "false", "no", "disabled"})
+ON_WORDS: Final = frozenset({"on", "true", "yes", "enabled"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_INTEGER = re.compile(r"^\s*-?\d+\s*$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB|k|K|M|G)?\s*$")
 _SIZE_UNITS: Final = {
     None: 1, "B": 1,
@@ -60,6 +65,8 @@ def parse_duration(value: object) -> float:
         raise ValueError("expected a duration like 250ms, 2s, 5m, 1h or a number of seconds")
     if isinstance(value, int | float):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError("expected a finite number of seconds")
     else:
         match = _DURATION.match(str(value))
         if match is None:
@@ -93,29 +100,42 @@ def is_off(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() in OFF_WORDS
 
 
+def is_on(value: object) -> bool:
+    """True for the words that switch a section on with its defaults: ``on``, ``true``, YAML ``true``."""
+    if value is True:
+        return True
+    return isinstance(value, str) and value.strip().lower() in ON_WORDS
+
+
 class Section:
     """One config section as seen by one route: layers merged, provenance kept.
 
     Layers are ``(dotted path, raw value)`` from least to most specific. A layer that is
-    ``off`` disables the section and discards every layer below it; a mapping layer
-    overrides the same keys below it.
+    ``off`` disables the section and discards every layer below it; ``on`` (or ``true``)
+    enables it with what the layers below set; a mapping layer overrides the same keys
+    below it (``merge=True``) or replaces the whole section (``merge=False``, what
+    :meth:`child` uses: a route's ``cache: {ttl: 5m}`` replaces the service's ``cache:``).
     """
 
-    __slots__ = ("_name", "_off", "_off_path", "_path", "_read", "_values")
+    __slots__ = ("_history", "_name", "_off", "_off_path", "_path", "_read", "_values")
 
     def __init__(self, name: str, values: dict[str, tuple[str, object]], *, path: str,
-                 off: bool = False, off_path: str = "") -> None:  # fmt: skip
+                 off: bool = False, off_path: str = "",
+                 history: dict[str, list[tuple[str, object]]] | None = None) -> None:  # fmt: skip
         self._name = name
         self._values = values  # key -> (dotted path of the layer that set it, raw value)
         self._path = path  # where a missing key should be reported
         self._off = off
         self._off_path = off_path
+        # key -> every (path, value) the layers gave it, least specific first: what child() layers again
+        self._history = history if history is not None else {k: [v] for k, v in values.items()}
         self._read: set[str] = set()
 
     @classmethod
-    def layered(cls, name: str, layers: Sequence[tuple[str, object]]) -> Section:
-        """Merge ``layers`` (least specific first); each must be a mapping, ``off`` or absent (MISSING)."""
+    def layered(cls, name: str, layers: Sequence[tuple[str, object]], *, merge: bool = True) -> Section:
+        """Merge ``layers`` (least specific first); each must be a mapping, ``off``, ``on`` or absent (MISSING)."""
         values: dict[str, tuple[str, object]] = {}
+        history: dict[str, list[tuple[str, object]]] = {}
         off, off_path, path = False, "", name
         for layer_path, raw in layers:
             if raw is MISSING:
@@ -123,16 +143,22 @@ class Section:
             path = layer_path
             if isinstance(raw, Mapping):
                 off = False
+                if not merge:
+                    values.clear()
+                    history.clear()
                 for key, value in raw.items():
-                    values[str(key)] = (_join(layer_path, key), value)
+                    entry = (_join(layer_path, str(key)), value)
+                    values[str(key)] = entry
+                    history.setdefault(str(key), []).append(entry)
             elif is_off(raw):
                 values.clear()
+                history.clear()
                 off, off_path = True, layer_path
-            elif raw is True or (isinstance(raw, str) and raw.strip().lower() in ("on", "true", "yes")):
+            elif is_on(raw):
                 off = False  # `cache: on` enables with the lower layers' (or default) settings
             else:
-                raise ConfigError(layer_path, f"expected a mapping or off, got {_describe(raw)}")
-        return cls(name, values, path=path, off=off, off_path=off_path)
+                raise ConfigError(layer_path, f"expected a mapping or off, got {describe(raw)}")
+        return cls(name, values, path=path, off=off, off_path=off_path, history=history)
 
     @classmethod
     def single(cls, name: str, raw: object, *, path: str | None = None) -> Section:
@@ -166,11 +192,16 @@ class Section:
         """A ConfigError located at the layer that set ``key`` (or where it should be)."""
         return ConfigError(self.path_of(key), message)
 
+    def unknown(self) -> list[ConfigError]:
+        """An "unknown key" error for every key that no parser read (typos, unsupported keys)."""
+        unread = [key for key in self._values if key not in self._read]
+        return [ConfigError(self.path_of(key), "unknown key", at_key=True) for key in unread]
+
     def done(self) -> None:
         """Raise ConfigError for the first key that no parser read (a typo or an unsupported key)."""
-        for key in self._values:
-            if key not in self._read:
-                raise ConfigError(self.path_of(key), "unknown key", at_key=True)
+        errors = self.unknown()
+        if errors:
+            raise errors[0]
 
     # -- typed getters ----------------------------------------------------------------
 
@@ -184,17 +215,21 @@ class Section:
         return entry[1]
 
     def child(self, key: str) -> Section:
-        """The nested mapping at ``key`` as its own section (single layer: the value as merged)."""
+        """The nested section at ``key``, layered again from every layer that set it.
+
+        The most specific mapping replaces the ones below it as a whole; ``off`` discards
+        the layers below; ``on`` keeps them. Absent everywhere: the section is off.
+        """
         self._read.add(key)
-        entry = self._values.get(key)
-        if entry is None:
-            return Section(key, {}, path=_join(self._path, key), off=True)  # absent: the section is off
-        return Section.single(key, entry[1], path=entry[0])
+        layers = self._history.get(key)
+        if not layers:
+            return Section(key, {}, path=_join(self._path, key), off=True)
+        return Section.layered(key, layers, merge=False)
 
     def text(self, key: str, default: str | _Missing = MISSING, *, choices: Sequence[str] | None = None) -> str:
         value = self.raw(key, default)
         if not isinstance(value, str) or not value:
-            raise self.error(key, f"expected a non-empty string, got {_describe(value)}")
+            raise self.error(key, f"expected a non-empty string, got {describe(value)}")
         if choices is not None and value not in choices:
             raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
@@ -204,23 +239,23 @@ class Section:
         if value is None:
             return None
         if not isinstance(value, str) or not value:
-            raise self.error(key, f"expected a non-empty string, got {_describe(value)}")
+            raise self.error(key, f"expected a non-empty string, got {describe(value)}")
         return value
 
     def boolean(self, key: str, default: bool | _Missing = MISSING) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_describe(value)}")
+            raise self.error(key, f"expected true or false, got {describe(value)}")
         return value
 
     def integer(
         self, key: str, default: int | _Missing = MISSING, *, minimum: int = 0, maximum: int | None = None
     ) -> int:
         value = self.raw(key, default)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)  # ${VAR} substitutions arrive as text
+        if isinstance(value, str) and _INTEGER.match(value):
+            value = int(value)  # a quoted "${PORT}" arrives as text
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {_describe(value)}")
+            raise self.error(key, f"expected an integer, got {describe(value)}")
         if value < minimum:
             raise self.error(key, f"must be >= {minimum}")
         if maximum is not None and value > maximum:
@@ -235,7 +270,7 @@ class Section:
         try:
             seconds = parse_duration(value)
         except ValueError as exc:
-            raise self.error(key, f"{exc}, got {_describe(value)}") from None
+            raise self.error(key, f"{exc}, got {describe(value)}") from None
         if positive and seconds <= 0:
             raise self.error(key, "must be greater than 0")
         return seconds
@@ -245,18 +280,22 @@ class Section:
         try:
             return parse_size(value)
         except ValueError as exc:
-            raise self.error(key, f"{exc}, got {_describe(value)}") from None
+            raise self.error(key, f"{exc}, got {describe(value)}") from None
 
     def text_list(self, key: str, default: Sequence[str] | _Missing = MISSING) -> tuple[str, ...]:
         value = self.raw(key, default)
         if isinstance(value, str):
             value = [value]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(key, f"expected a list of strings, got {_describe(value)}")
+        if not isinstance(value, list | tuple):
+            raise self.error(key, f"expected a list of strings, got {describe(value)}")
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{self.path_of(key)}.{index}", f"expected a non-empty string, got {describe(item)}")
         return tuple(value)
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
+    """A short description of a config value for error messages (``'abc'``, ``a list``, ``nothing``)."""
     if value is None:
         return "nothing"
     if isinstance(value, bool):

@@ -32,6 +32,7 @@ class JwksBackend:
     keys: list[dict[str, Any]] = field(default_factory=list)
     max_age: int | None = None  # Cache-Control: max-age when set
     down: bool = False  # answer 503
+    body: bytes | None = None  # answer 200 with this instead of the key set
     delay: float = 0.0  # seconds before answering, so concurrent fetches would overlap
     fetches: int = 0
 
@@ -46,5 +47,7 @@ class JwksBackend:
             await asyncio.sleep(self.delay)
         if self.down:
             return web.Response(status=503, text="down")
+        if self.body is not None:
+            return web.Response(body=self.body, content_type="application/json")
         headers = {"Cache-Control": f"max-age={self.max_age}"} if self.max_age is not None else {}
         return web.json_response({"keys": self.keys}, headers=headers)
