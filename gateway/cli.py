@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from . import __version__
 from .config import ConfigInvalid, GatewayConfig, load_file
@@ -22,13 +23,16 @@ def resolve_config_path(option: str | None) -> Path:
     return Path(option or os.environ.get("GATEWAY_CONFIG") or "routes.yaml")
 
 
-def _load(option: str | None) -> GatewayConfig | None:
+def _load(option: str | None, *, out: TextIO = sys.stderr) -> GatewayConfig | None:
+    """The config, or None after printing every error (one `file:LINE:COL: path: message` line each)."""
     path = resolve_config_path(option)
     try:
         return load_file(path)
     except ConfigInvalid as exc:
         for error in exc.errors:
-            print(error, file=sys.stderr)
+            print(error, file=out)
+        if not path.exists() and option is None and not os.environ.get("GATEWAY_CONFIG"):
+            print("gateway: no ./routes.yaml here; pass -c FILE or set GATEWAY_CONFIG", file=sys.stderr)
         return None
 
 
@@ -41,11 +45,15 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
-    return serve(config, host=host, port=port, workers=args.workers)
+    try:
+        return serve(config, host=host, port=port, workers=args.workers)
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        print(f"gateway: cannot serve on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, out=sys.stdout)  # the errors are what `check` reports: stdout, like a linter
     if config is None:
         return 1
     print(f"ok: {len(config.services)} services")

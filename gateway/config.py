@@ -171,8 +171,10 @@ def load_file(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = N
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigInvalid([LocatedError(str(path), 1, 1, "", f"cannot read: {exc}")]) from None
+    except OSError as exc:
+        raise ConfigInvalid([LocatedError(str(path), 1, 1, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigInvalid([LocatedError(str(path), 1, 1, "", f"cannot read: not UTF-8 ({exc.reason})")]) from None
     return load_text(text, filename=str(path), env=env)
 
 

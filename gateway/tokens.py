@@ -31,8 +31,13 @@ def mint_token(
     settings = config.jwt
     if settings is None or settings.secret is None:
         raise ValueError("the config has no jwt.secret to sign with")
+    lifetime = int(parse_duration(ttl))
+    if lifetime <= 0:
+        raise ValueError(f"--ttl must be at least 1s, got {ttl!r}")
+    if not sub:
+        raise ValueError("--sub must not be empty")
     issued = int(time.time() if now is None else now)
-    payload: dict[str, object] = {"sub": sub, "iat": issued, "exp": issued + int(parse_duration(ttl))}
+    payload: dict[str, object] = {"sub": sub, "iat": issued, "exp": issued + lifetime}
     if scopes:
         payload["scope"] = " ".join(scopes)
     if settings.issuer:
@@ -43,6 +48,8 @@ def mint_token(
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ValueError(f"--claim expects NAME=VALUE, got {item!r}")
+        if name in ("sub", "iat", "exp", "scope"):
+            raise ValueError(f"--claim cannot set {name}; use --sub, --ttl or --scope")
         payload[name] = value
     algorithm = (
         "HS256" if "HS256" in settings.algorithms else sorted(a for a in settings.algorithms if a.startswith("HS"))[0]

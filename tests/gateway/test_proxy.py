@@ -262,3 +262,26 @@ async def test_gateway_keeps_serving_after_errors(gateway: GatewayClient) -> Non
 
 async def test_backend_app_is_independent_per_test() -> None:
     assert echo_app()[BACKEND_STATE].requests == []
+
+
+@pytest.mark.parametrize("framing", ["Content-Length: 100000", "Transfer-Encoding: chunked"])
+async def test_upstream_dying_mid_body_cuts_the_client_connection(make_gateway: MakeGateway, framing: str) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        first = b"3e8\r\n" + b"x" * 1000 + b"\r\n" if "chunked" in framing else b"x" * 1000
+        writer.write(f"HTTP/1.1 200 OK\r\n{framing}\r\n\r\n".encode() + first)
+        await writer.drain()
+        writer.transport.abort()  # die mid-body
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = await make_gateway(YAML, upstream=f"http://127.0.0.1:{port}", trusted="10.0.0.0/8")
+        response = await client.get("/api/svc/x")
+        assert response.status == 200  # the status line was already on its way
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), timeout=5)
+        assert (await client.get("/api/nope")).status == 404  # and the gateway goes on serving
+    finally:
+        server.close()
+        await server.wait_closed()
