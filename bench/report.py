@@ -117,8 +117,8 @@ def environment(plan: str, logs: dict[str, str]) -> list[str]:
         f"- `uname -a`: `{_first_line(['uname', '-a'])}`",
         f"- CPU: {cpu_model()}",
         f"- python {sys.version.split()[0]}, aiohttp {_version('aiohttp')}, uvloop {_version('uvloop')}"
-        f" (event loop used: {loops_used(logs)})",
-        f"- {_first_line(['nginx', '-v'])}, {_first_line(['wrk', '-v'])}",
+        + (f" (event loop used: {loops_used(logs)})" if logs else ""),
+        f"- {_first_line(['nginx', '-v'])}, {_first_line(['wrk', '-v']).partition(' Copyright')[0]}",
         f"- {plan}",
     ]
 

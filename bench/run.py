@@ -46,8 +46,9 @@ class Plan:
         return self.rounds * targets * (self.warmup + self.seconds + self.single_seconds)
 
     def describe(self) -> str:
+        rounds = f"{self.rounds} round{'s' if self.rounds != 1 else ''}"
         return (
-            f"{self.rounds} rounds of ({self.warmup} s warmup + {self.seconds} s at {CONNECTIONS} connections"
+            f"{rounds} of ({self.warmup} s warmup + {self.seconds} s at {CONNECTIONS} connections"
             f" + {self.single_seconds} s at 1 connection) per target, alternating; medians"
         )
 
@@ -125,6 +126,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 def bench(args: argparse.Namespace) -> str:
     plan = Plan.for_duration(args.duration, args.rounds)
+    load = "load average before the run: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
         work.chmod(0o755)  # nginx workers read the static file from here
@@ -138,7 +140,7 @@ def bench(args: argparse.Namespace) -> str:
         logs = {t.name: t.server.log_head() for t in targets if t.name in AIOHTTP_TARGETS}
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in samples.items()}, indent=2))
-    return results_section(samples, plan.describe(), logs)
+    return results_section(samples, f"{plan.describe()}; {load}", logs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,9 +127,12 @@ def start(name: str, argv: list[str], cpu: str, work: Path, stack: contextlib.Ex
     log = log_path.open("wb")
     # A new session keeps Ctrl-C away from the servers: they are stopped by pid, in order.
     proc = subprocess.Popen(
-        ["taskset", "-c", cpu, *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        ["taskset", "-c", cpu, *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     server = Server(name, proc, log_path, log)
     stack.callback(server.stop)
     return server

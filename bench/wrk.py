@@ -38,7 +38,9 @@ def parse_wrk(text: str) -> WrkResult:
     requests = int(_search(r"^\s*(\d+) requests in ", text).group(1))
     if requests == 0:
         raise BenchError(f"wrk got no responses:\n{text}")
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    errors = 0
+    if socket_errors := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text):
+        errors += sum(int(n) for n in socket_errors.groups())
     if non_2xx := re.search(r"Non-2xx or 3xx responses: (\d+)", text):
         errors += int(non_2xx.group(1))
     rps = float(_search(r"^Requests/sec:\s+([\d.]+)", text).group(1))
@@ -46,19 +48,11 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def wrk(url: str, connections: int, seconds: int) -> WrkResult:
-    argv = [
-        "taskset",
-        "-c",
-        LOAD_CPU,
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--latency",
-        "--timeout",
-        "5s",
-    ]
-    done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 30, check=False)
+    """``wrk -t1 -c<connections> -d<seconds>s --latency`` pinned to the load CPU."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s", url]
+    done = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}) on {url}: {done.stderr or done.stdout}")
     return parse_wrk(done.stdout)

@@ -1,6 +1,7 @@
 """The ``gateway`` command (DESIGN §2): run, check, demo, token.
 
-Parses arguments and calls into the package; no logic of its own.
+Parses arguments and calls into the package; no logic of its own. ``check`` prints its
+findings on stdout (like a linter); ``run`` and ``token`` print errors on stderr.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import ConfigInvalid, GatewayConfig, load_file
+
+if TYPE_CHECKING:
+    from .config import GatewayConfig
 
 __all__ = ("main", "resolve_config_path")
 
@@ -23,14 +26,16 @@ def resolve_config_path(option: str | None) -> Path:
     return Path(option or os.environ.get("GATEWAY_CONFIG") or "routes.yaml")
 
 
-def _load(option: str | None, *, out: TextIO = sys.stderr) -> GatewayConfig | None:
+def _load(option: str | None, *, out: TextIO | None = None) -> GatewayConfig | None:
     """The config, or None after printing every error (one `file:LINE:COL: path: message` line each)."""
+    from .config import ConfigInvalid, load_file  # imported when needed: `--help` stays instant
+
     path = resolve_config_path(option)
     try:
         return load_file(path)
     except ConfigInvalid as exc:
         for error in exc.errors:
-            print(error, file=out)
+            print(error, file=out or sys.stderr)
         if not path.exists() and option is None and not os.environ.get("GATEWAY_CONFIG"):
             print("gateway: no ./routes.yaml here; pass -c FILE or set GATEWAY_CONFIG", file=sys.stderr)
         return None

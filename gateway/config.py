@@ -111,8 +111,10 @@ class PathPattern:
         inner = text.split("/")[1:-1]  # a trailing slash is allowed; the segments before it must be plain
         if any(segment in ("", ".", "..") for segment in inner) or "?" in text or "#" in text or "\\" in text:
             raise ValueError("expected a normalised path: no //, . or .. segments, query or fragment")
-        if text.endswith("/*"):  # everything below /admin/, not /admin itself (as Traefik's PathPrefix(`/admin/`))
-            return cls(text, re.compile(f"^{_segments(text[:-1])}.*$"))
+        if text.endswith("/*"):
+            # /admin itself and everything below /admin/: a bare /admin must not slip past the
+            # rules meant for the subtree (nginx redirects it into the location for the same reason)
+            return cls(text, re.compile(f"^{_segments(text[:-2])}(?:/.*)?$"))
         return cls(text, re.compile(f"^{_segments(text)}$"))
 
     def matches(self, path: str) -> bool:

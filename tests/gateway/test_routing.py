@@ -82,7 +82,8 @@ def _table() -> RouteTable:
         pytest.param(
             "GET", "/api/users/items/7/8/detail", "users", "/items/7/8/detail", id="star stays in one segment"
         ),
-        pytest.param("GET", "/api/users/public", "users", "/public", id="prefix needs the slash"),
+        pytest.param("GET", "/api/users/public", "users/routes/0", "/public", id="prefix root"),
+        pytest.param("GET", "/api/users/publicity", "users", "/publicity", id="prefix is whole segments"),
         pytest.param("GET", "/api/users", "users", "", id="service root"),
         pytest.param("GET", "/api/users/", "users", "/", id="service root with slash"),
     ],
