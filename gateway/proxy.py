@@ -225,9 +225,18 @@ class RouteProxy:
         for name, value in upstream.headers.items():
             if name not in drop:
                 headers.add(name, value)
+        length = upstream.content_length
+        bodiless = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
+        if not bodiless and length is not None and length <= _SMALL_BODY:
+            # Small and announced: read it whole and answer in one write, as a plain Response.
+            try:
+                body = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise Problem(502, f"upstream {request[OUTCOME].upstream} broke off its response") from exc
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
-        if request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200:
+        if bodiless:
             await response.write_eof()
             return response
         content = upstream.content

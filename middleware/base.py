@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -24,6 +24,9 @@ __all__ = (
     "IPNetwork",
     "Middleware",
     "Outcome",
+    "Quota",
+    "Store",
+    "StoreUnavailable",
     "add_response_headers",
     "install",
 )
@@ -45,6 +48,46 @@ class Outcome:
     sub: str | None = None
     error: str | None = None
     status: int | None = None  # set when the response's headers are sent; None means nothing sent yet
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The answer of :meth:`Store.take`: whether one request fits the budget, and what is left."""
+
+    allowed: bool
+    remaining: int  # requests that would still be admitted right now, after this one
+    reset_after: float  # seconds until the budget is full again
+    retry_after: float  # seconds until one more request would be admitted; 0.0 when allowed
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached in time; the caller decides (on_error: allow, deny, local)."""
+
+
+class Store(Protocol):
+    """What rate limiting and caching need from a store (DESIGN §9), declared by its consumers
+    and implemented by ``gateway/stores`` (memory, Redis, Redis Cluster). Keys are namespaced
+    by the store. Every method raises :class:`StoreUnavailable` when the store cannot answer."""
+
+    async def take(self, key: str, *, limit: int, period: float) -> Quota:
+        """Spend one request of a ``limit`` per ``period`` seconds budget (GCRA), atomically."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, *, ttl: float) -> None: ...
+
+    async def delete(self, *keys: str) -> None: ...
+
+    async def incr(self, key: str) -> int:
+        """Add one to an integer (0 when absent) and return it: generation counters for purges."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise StoreUnavailable otherwise (for /readyz)."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 REQUEST_ID = web.RequestKey("request_id", str)

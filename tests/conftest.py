@@ -14,6 +14,8 @@ from gateway.app import create_app
 from gateway.config import load_text
 from tests.backends import echo_app
 
+pytest_plugins = ["tests.redis_servers"]  # redis_server, restartable_redis, redis_cluster
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -285,3 +285,21 @@ async def test_upstream_dying_mid_body_cuts_the_client_connection(make_gateway: 
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_small_response_cut_short_by_the_upstream_is_a_502(make_gateway: MakeGateway) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100)
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = await make_gateway(YAML, upstream=f"http://127.0.0.1:{port}", trusted="10.0.0.0/8")
+        response = await client.get("/api/svc/x")
+        await _problem(response, 502)  # small bodies are read whole first, so there is still time to say so
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,117 @@
+"""The in-process store, ``memory://`` (DESIGN §9): the default, so nothing else is needed to run.
+
+A least-recently-used map bounded by bytes, with per-key TTLs and the same GCRA as the Redis
+script (:mod:`gateway.stores.gcra`). Every method finishes without awaiting anything, so each
+one is atomic on the event loop. It is per process: several workers or gateways each count
+on their own; share a Redis for limits that hold across them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.stores.gcra import decide, interval_us
+from middleware.base import Quota
+
+__all__ = ("ENTRY_OVERHEAD", "MemoryStore")
+
+ENTRY_OVERHEAD = 96  # bytes counted per entry on top of key and value: the map's own bookkeeping
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    expires: float  # clock() time after which the entry is gone; math.inf: never
+    size: int
+
+
+class MemoryStore:
+    """A :class:`~middleware.base.Store` in this process's memory.
+
+    ``max_bytes`` bounds the sum of key lengths, value lengths and :data:`ENTRY_OVERHEAD` per
+    entry; storing beyond it evicts the least recently used entries (a read counts as a use), and
+    a value larger than the whole bound is not stored. Expired entries disappear when next
+    touched or when evicted. ``clock`` (seconds, monotonic) is injected so tests need not sleep.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._used = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def take(self, key: str, *, limit: int, period: float) -> Quota:
+        interval = interval_us(limit, period)
+        now = self._clock()
+        entry = self._lookup(key, now)
+        decision = decide(round(now * 1_000_000), None if entry is None else int(entry.value), interval, limit)
+        if decision.tat is not None:
+            self._store(key, b"%d" % decision.tat, now + decision.ttl_ms / 1000)
+        return decision.quota()
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._lookup(key, self._clock())
+        return None if entry is None else entry.value
+
+    async def set(self, key: str, value: bytes, *, ttl: float) -> None:
+        """Store ``value`` for ``ttl`` seconds; a ``ttl`` of zero or less deletes the key."""
+        if ttl <= 0:
+            self._remove(key)
+        else:
+            self._store(key, bytes(value), self._clock() + ttl)
+
+    async def delete(self, *keys: str) -> None:
+        for key in keys:
+            self._remove(key)
+
+    async def incr(self, key: str) -> int:
+        entry = self._lookup(key, self._clock())
+        count = 1 if entry is None else int(entry.value) + 1  # like Redis INCR, keeps the TTL
+        self._store(key, b"%d" % count, math.inf if entry is None else entry.expires)
+        return count
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+        self._used = 0
+
+    def _lookup(self, key: str, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def _store(self, key: str, value: bytes, expires: float) -> None:
+        self._remove(key)
+        size = len(key) + len(value) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return
+        self._entries[key] = _Entry(value, expires, size)
+        self._used += size
+        while self._used > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._used -= evicted.size
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._used -= entry.size

@@ -1,0 +1,142 @@
+"""The Store contract (DESIGN §6, §9): one suite, run on memory, one Redis and a Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from middleware.base import Store
+from tests.stores.conftest import Advance
+
+# -- key/value --------------------------------------------------------------------------
+
+
+async def test_get_set_overwrite(store: Store) -> None:
+    assert await store.get("k") is None
+    await store.set("k", b"one", ttl=60)
+    assert await store.get("k") == b"one"
+    await store.set("k", b"\x00two\xff", ttl=60)
+    assert await store.get("k") == b"\x00two\xff"
+
+
+async def test_ttl_expiry(store: Store, advance: Advance) -> None:
+    await store.set("short", b"v", ttl=0.1)
+    await store.set("long", b"v", ttl=60)
+    assert await store.get("short") == b"v"
+    await advance(0.15)
+    assert await store.get("short") is None
+    assert await store.get("long") == b"v"
+
+
+async def test_zero_ttl_deletes(store: Store) -> None:
+    await store.set("k", b"v", ttl=60)
+    await store.set("k", b"w", ttl=0)
+    assert await store.get("k") is None
+
+
+async def test_delete(store: Store) -> None:
+    keys = [f"k{i}" for i in range(10)]  # on a Cluster, these live in different slots
+    for key in keys:
+        await store.set(key, b"v", ttl=60)
+    await store.delete(*keys[:9], "missing")
+    await store.delete()
+    assert [await store.get(key) for key in keys] == [None] * 9 + [b"v"]
+
+
+async def test_incr(store: Store) -> None:
+    assert [await store.incr("gen") for _ in range(3)] == [1, 2, 3]
+    assert await store.get("gen") == b"3"
+    await store.delete("gen")
+    assert await store.incr("gen") == 1
+
+
+async def test_incr_keeps_ttl(store: Store, advance: Advance) -> None:
+    await store.set("gen", b"41", ttl=0.1)
+    assert await store.incr("gen") == 42
+    await advance(0.15)
+    assert await store.get("gen") is None
+
+
+async def test_keys_are_namespaced(store: Store) -> None:
+    await store.set("a", b"1", ttl=60)
+    await store.set("{a}", b"2", ttl=60)  # a key with its own hash tag is a different key
+    assert await store.get("a") == b"1"
+    assert await store.get("{a}") == b"2"
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+# -- GCRA -------------------------------------------------------------------------------
+
+
+async def test_burst_admits_exactly_the_limit(store: Store) -> None:
+    quotas = [await store.take("rl", limit=5, period=10) for _ in range(8)]
+    assert [q.allowed for q in quotas] == [True] * 5 + [False] * 3
+    assert [q.remaining for q in quotas] == [4, 3, 2, 1, 0, 0, 0, 0]
+
+
+async def test_concurrent_burst_admits_exactly_the_limit(store: Store) -> None:
+    quotas = await asyncio.gather(*(store.take("rl", limit=10, period=10) for _ in range(25)))
+    assert sum(q.allowed for q in quotas) == 10
+    assert sorted(q.remaining for q in quotas if q.allowed) == list(range(10))
+
+
+async def test_keys_have_separate_budgets(store: Store) -> None:
+    assert (await store.take("a", limit=1, period=10)).allowed
+    assert not (await store.take("a", limit=1, period=10)).allowed
+    assert (await store.take("b", limit=1, period=10)).allowed
+
+
+async def test_reset_and_retry_after(store: Store, tolerance: float) -> None:
+    quotas = [await store.take("rl", limit=2, period=0.4) for _ in range(3)]  # T = 0.2s
+    assert [(q.allowed, q.remaining) for q in quotas] == [(True, 1), (True, 0), (False, 0)]
+    assert [q.reset_after for q in quotas] == pytest.approx([0.2, 0.4, 0.4], abs=tolerance)
+    assert [q.retry_after for q in quotas] == pytest.approx([0.0, 0.0, 0.2], abs=tolerance)
+    assert quotas[0].retry_after == quotas[1].retry_after == 0.0
+
+
+async def test_admitted_after_retry_after(store: Store, advance: Advance, store_kind: str) -> None:
+    for _ in range(2):
+        await store.take("rl", limit=2, period=0.4)
+    rejected = await store.take("rl", limit=2, period=0.4)
+    assert not rejected.allowed
+    # a client that waits Retry-After is admitted; on Redis, allow for the clocks' granularity
+    await advance(rejected.retry_after + (0 if store_kind == "memory" else 0.002))
+    again = await store.take("rl", limit=2, period=0.4)
+    assert again.allowed
+    assert again.remaining == 0
+    assert not (await store.take("rl", limit=2, period=0.4)).allowed
+
+
+async def test_full_budget_after_reset_after(store: Store, advance: Advance, store_kind: str) -> None:
+    for _ in range(3):
+        last = await store.take("rl", limit=3, period=0.3)
+    await advance(last.reset_after + (0 if store_kind == "memory" else 0.002))
+    quotas = [await store.take("rl", limit=3, period=0.3) for _ in range(4)]
+    assert [q.remaining for q in quotas] == [2, 1, 0, 0]
+    assert [q.allowed for q in quotas] == [True, True, True, False]
+
+
+async def test_rejections_do_not_spend(store: Store, advance: Advance, store_kind: str) -> None:
+    await store.take("rl", limit=1, period=0.2)
+    for _ in range(5):
+        rejected = await store.take("rl", limit=1, period=0.2)
+        assert not rejected.allowed
+    await advance(rejected.retry_after + (0 if store_kind == "memory" else 0.002))
+    assert (await store.take("rl", limit=1, period=0.2)).allowed
+
+
+@pytest.mark.parametrize(
+    ("limit", "period"),
+    [
+        pytest.param(0, 1.0, id="zero limit"),
+        pytest.param(1, 0.0, id="zero period"),
+        pytest.param(1, -1.0, id="negative period"),
+    ],
+)
+async def test_take_rejects_bad_budgets(store: Store, limit: int, period: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        await store.take("rl", limit=limit, period=period)
