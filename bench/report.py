@@ -27,6 +27,8 @@ class Sample:
     cpu_us: float  # CPU time of the server under test per request, in microseconds
     single_p50_ms: float
     single_p99_ms: float
+    other_load_pct: float  # share of the load core's time spent on work not ours (other processes, steal), %
+    other_server_pct: float  # the same for the server core
     errors: int
 
 
@@ -41,21 +43,33 @@ def median(samples: list[Sample]) -> Sample:
         cpu_us=mid("cpu_us"),
         single_p50_ms=mid("single_p50_ms"),
         single_p99_ms=mid("single_p99_ms"),
+        other_load_pct=mid("other_load_pct"),
+        other_server_pct=mid("other_server_pct"),
         errors=sum(s.errors for s in samples),
+    )
+
+
+def progress_line(label: str, target: str, s: Sample) -> str:
+    return (
+        f"{label} {target:<14} {s.rps:>9,.0f} rps  p50 {s.p50_ms:6.2f} ms  p99 {s.p99_ms:6.2f} ms"
+        f"  {s.cpu_us:6.1f} µs/req  @1 conn p50 {s.single_p50_ms:5.2f} ms"
+        f"  other {s.other_load_pct:.0f}%/{s.other_server_pct:.0f}%  errors {s.errors}"
     )
 
 
 def results_table(samples: dict[str, list[Sample]]) -> str:
     lines = [
-        "| target | rps | p50 ms | p99 ms | CPU µs/req | p50 ms @1 conn | p99 ms @1 conn | rps per round | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| target | rps | p50 ms | p99 ms | CPU µs/req | p50 ms @1 conn | p99 ms @1 conn | rps per round"
+        " | other load % CPU 0 / 1 | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for name, runs in samples.items():
         m = median(runs)
         per_round = " / ".join(f"{s.rps:,.0f}" for s in runs)
         lines.append(
             f"| {name} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.cpu_us:.1f} "
-            f"| {m.single_p50_ms:.2f} | {m.single_p99_ms:.2f} | {per_round} | {m.errors} |"
+            f"| {m.single_p50_ms:.2f} | {m.single_p99_ms:.2f} | {per_round} "
+            f"| {m.other_load_pct:.0f} / {m.other_server_pct:.0f} | {m.errors} |"
         )
     return "\n".join(lines)
 

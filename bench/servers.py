@@ -17,10 +17,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from cpu import core_seconds, descendants, reaped_children_seconds, tree_cpu_seconds
 
 BENCH_DIR = Path(__file__).resolve().parent
 LOAD_CPU = "0"  # wrk and the nginx backend
@@ -54,42 +56,12 @@ def free_port() -> int:
         return port
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (field 3, the state, is index 0)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def descendants(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))):
-            parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """utime+stime of a process and its descendants, plus children they already reaped."""
-    ticks = 0
-    for pid in (root, *descendants(root)):
-        if fields := _proc_stat(pid):
-            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Server:
     """A process this harness started (pinned with taskset), its log, and how to stop it."""
 
     name: str
+    cpu: str  # the core it is pinned to
     proc: subprocess.Popen[bytes]
     log_path: Path
     log: IO[bytes]
@@ -133,7 +105,7 @@ def start(name: str, argv: list[str], cpu: str, work: Path, stack: contextlib.Ex
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = Server(name, proc, log_path, log)
+    server = Server(name, cpu, proc, log_path, log)
     stack.callback(server.stop)
     return server
 
@@ -158,6 +130,27 @@ def wait_ready(server: Server, url: str, expect: bytes) -> None:
             last = repr(exc)
         time.sleep(0.05)
     raise BenchError(f"{server.name} not ready at {url} after {READY_TIMEOUT:.0f}s: {last}; log:\n{server.log_tail()}")
+
+
+class CpuMeter:
+    """CPU time over one measured run: each server's, and per core what went to anything not ours."""
+
+    def __init__(self, servers: Sequence[Server]) -> None:
+        self._servers = servers
+        self._started = time.monotonic()
+        self._cores = core_seconds((LOAD_CPU, SERVER_CPU))
+        self._children = reaped_children_seconds()
+        self._before = {server.name: server.cpu_seconds() for server in servers}
+
+    def read(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds per server, and per core the share of the run spent on other work (0.05 = 5%)."""
+        used = {server.name: server.cpu_seconds() - self._before[server.name] for server in self._servers}
+        ours = {LOAD_CPU: reaped_children_seconds() - self._children, SERVER_CPU: 0.0}  # wrk runs on LOAD_CPU
+        for server in self._servers:
+            ours[server.cpu] += used[server.name]
+        wall = time.monotonic() - self._started
+        busy = core_seconds(ours)
+        return used, {cpu: max(0.0, busy[cpu] - self._cores[cpu] - ours[cpu]) / wall for cpu in ours}
 
 
 # --- the servers -------------------------------------------------------------------------
@@ -268,7 +261,19 @@ STARTERS: dict[str, StartFn] = {
 }
 
 
-def start_targets(names: list[str], work: Path, stack: contextlib.ExitStack) -> list[Target]:
+@dataclass(frozen=True)
+class Lab:
+    """Everything started for a run: the backend and the targets wrk drives."""
+
+    backend: Server
+    targets: list[Target]
+
+    @property
+    def servers(self) -> list[Server]:
+        return [self.backend, *(t.server for t in self.targets if t.server is not self.backend)]
+
+
+def start_lab(names: list[str], work: Path, stack: contextlib.ExitStack) -> Lab:
     """The backend (always) and the named targets, in TARGETS order, each answering correctly."""
     backend_port = free_port()
     direct = start_backend(backend_port, work, stack)
@@ -278,4 +283,4 @@ def start_targets(names: list[str], work: Path, stack: contextlib.ExitStack) -> 
         target = STARTERS[name](free_port(), backend_port, work, stack)
         wait_ready(target.server, target.url, payload())
         targets.append(target)
-    return targets
+    return Lab(direct.server, targets)

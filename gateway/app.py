@@ -17,17 +17,19 @@ from aiohttp import hdrs, web
 
 from middleware import base
 from middleware.auth import KeySource, claim_header_names, claim_headers
-from middleware.base import OUTCOME
+from middleware.base import OUTCOME, Store, StoreUnavailable
 from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
 
+from . import websocket
 from .chain import ChainDeps, build_route_handler
 from .config import GatewayConfig
 from .proxy import Forwarder
 from .routing import TARGET, RouteTable
+from .stores import MemoryStore, open_store
 from .upstreams import UpstreamPool
 
-__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "RouteHolder", "create_app", "dispatch")
+__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "STORE", "RouteHolder", "create_app", "dispatch")
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ CONFIG = web.AppKey("config", GatewayConfig)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ROUTES = web.AppKey("routes", RouteHolder)
 KEYS = web.AppKey("keys", KeySource)
+STORE = web.AppKey("store", Store)
 
 
 def create_app(config: GatewayConfig) -> web.Application:
@@ -51,8 +54,9 @@ def create_app(config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[ROUTES] = RouteHolder()
-    app.cleanup_ctx.extend([client_session, jwt_keys, route_table])  # torn down in reverse
+    app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table])  # torn down in reverse
     base.install(app)
+    websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
@@ -70,6 +74,22 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
     ) as session:
         app[SESSION] = session
         yield
+
+
+async def store(app: web.Application) -> AsyncIterator[None]:
+    """The store behind rate limits and the cache: opened once per process, closed at cleanup."""
+    config = app[CONFIG].store
+    opened = open_store(config)
+    try:
+        await opened.ping()
+    except StoreUnavailable as exc:  # keep serving: store.on_error decides what limits do meanwhile
+        logger.warning("store %s is not answering at startup (on_error: %s): %s",
+                       config.url.partition("://")[0], config.on_error, exc)  # fmt: skip
+    app[STORE] = opened
+    try:
+        yield
+    finally:
+        await opened.aclose()
 
 
 async def jwt_keys(app: web.Application) -> AsyncIterator[None]:
@@ -99,7 +119,16 @@ async def route_table(app: web.Application) -> AsyncIterator[None]:
         claim_headers=functools.partial(claim_headers, jwt) if jwt else None,
     )
     pools = {name: UpstreamPool(name, service.upstreams, service.breaker) for name, service in config.services.items()}
-    deps = ChainDeps(forwarder=forwarder, pools=pools, jwt=jwt, keys=app.get(KEYS))
+    on_error = config.store.on_error
+    deps = ChainDeps(
+        forwarder=forwarder,
+        pools=pools,
+        jwt=jwt,
+        keys=app.get(KEYS),
+        store=app[STORE],
+        on_error=on_error,
+        local_store=MemoryStore(config.store.max_memory) if on_error == "local" else None,
+    )
     handlers = {route.name: build_route_handler(route, deps) for s in config.services.values() for route in s.routes}
     app[ROUTES].table = RouteTable(config.services, handlers)
     yield
@@ -119,6 +148,5 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
         if route.websocket is None:
             raise Problem(400, f"{route.service} does not accept WebSocket upgrades")
-        raise Problem(501, "WebSocket relay is not available in this version")
     request[TARGET] = match.target
     return await match.handler(request)

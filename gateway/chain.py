@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource
-from middleware.base import Handler, Middleware
+from middleware.base import Handler, Middleware, Store
+from middleware.rate_limit import RateLimitMiddleware
 
 from .config import Route
 from .proxy import Forwarder, RouteProxy
 from .upstreams import UpstreamPool
+from .websocket import WebSocketRelay, upgrades_to
 
 __all__ = ("ChainDeps", "build_route_handler", "compose")
 
@@ -34,6 +36,9 @@ class ChainDeps:
     pools: dict[str, UpstreamPool]  # by service name
     jwt: JwtSettings | None
     keys: KeySource | None  # verification keys (static or JWKS), when jwt: is configured
+    store: Store  # rate-limit budgets and cache entries (memory or Redis)
+    on_error: str  # store.on_error: allow | deny | local
+    local_store: Store | None  # the in-process fallback when on_error is local
 
 
 def compose(middlewares: Sequence[Middleware], endpoint: Handler) -> Handler:
@@ -47,11 +52,21 @@ def compose(middlewares: Sequence[Middleware], endpoint: Handler) -> Handler:
 def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
     """The route's endpoint wrapped in its middlewares, in the fixed order."""
     endpoint: Handler = RouteProxy(deps.forwarder, route, deps.pools[route.service])
+    if route.websocket is not None:
+        leeway = deps.jwt.leeway if deps.jwt else 0.0
+        relay = WebSocketRelay(deps.forwarder, route, deps.pools[route.service], leeway=leeway)
+        endpoint = upgrades_to(relay, endpoint)
     chain: list[Middleware] = []
     if route.auth.mode is not AuthMode.NONE:
         if deps.jwt is None or deps.keys is None:  # config.py refuses this; never serve a protected route open
             raise RuntimeError(f"route {route.name} uses auth but there is no jwt: section")
         chain.append(
             JwtAuthMiddleware(route.auth, settings=deps.jwt, keys=deps.keys, websocket=route.websocket is not None)
+        )
+    if route.rate_limit is not None:
+        chain.append(
+            RateLimitMiddleware(
+                route.rate_limit, store=deps.store, scope=route.name, on_error=deps.on_error, fallback=deps.local_store
+            )
         )
     return compose(chain, endpoint)

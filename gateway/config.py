@@ -50,7 +50,7 @@ ROUTE_KEYS = ("auth", "scopes", "rate_limit", "cache", "timeout", "connect_timeo
 SERVICE_KEYS = ("upstreams", "websocket", "routes", "circuit_breaker")
 _SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 T = TypeVar("T")
-_STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "unix")
+_STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 
 
@@ -463,7 +463,8 @@ def _store(section: Section) -> StoreConfig:
     scheme, separator, rest = url.partition("://")
     if not separator or scheme not in _STORE_SCHEMES:
         raise section.error(
-            "url", "expected memory://, redis://host:port/db, rediss://... or redis+cluster://h1:p1,h2:p2"
+            "url",
+            "expected memory://, redis://host:port/db, rediss://..., redis+cluster://h1:p1,h2:p2 or rediss+cluster://...",
         )
     if scheme != "memory" and not rest.strip("/"):
         raise section.error("url", f"{scheme}:// needs a host (or a socket path for unix://)")

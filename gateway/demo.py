@@ -1,8 +1,9 @@
 """``gateway demo``: the example backends and a gateway in front of them, in one process (DESIGN §2).
 
 Reads the same routes.yaml as ``gateway run`` (the repository's demo map by default),
-starts an ``examples.users`` backend on every loopback upstream of the ``users`` service,
-then the gateway, and prints commands to paste, with a freshly minted token.
+starts an ``examples.users`` backend on every loopback upstream of the ``users`` service and
+an ``examples.chat`` backend on those of ``chat``, then the gateway, and prints commands to
+paste, with a freshly minted token.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from examples import users
+from examples import chat, users
 
 from .app import create_app
 from .config import ConfigInvalid, GatewayConfig, load_file
@@ -50,7 +52,7 @@ def run_demo(config_path: Path, *, port: int | None = None) -> int:
 async def _demo(config: GatewayConfig, port: int) -> None:
     runners: list[web.AppRunner] = []
     try:
-        backends = await _start_users(config, runners)
+        backends = await _start_backends(config, runners)
         gateway = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
         await gateway.setup()
         runners.append(gateway)
@@ -67,17 +69,20 @@ async def _demo(config: GatewayConfig, port: int) -> None:
             await runner.cleanup()
 
 
-async def _start_users(config: GatewayConfig, runners: list[web.AppRunner]) -> list[str]:
-    service = config.services.get("users")
+async def _start_backends(config: GatewayConfig, runners: list[web.AppRunner]) -> list[str]:
+    """The example app of each demo service, on each of its loopback upstreams."""
     started = []
-    for url in service.upstreams if service else ():
-        if url.host not in _LOOPBACK or url.port is None:
-            continue
-        runner = web.AppRunner(users.create_app(name="users"), access_log=None)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", url.port).start()
-        started.append(f"http://127.0.0.1:{url.port}")
+    makers: dict[str, Callable[[], web.Application]] = {"users": users.create_app, "chat": chat.create_app}
+    for name, make in makers.items():
+        service = config.services.get(name)
+        for url in service.upstreams if service else ():
+            if url.host not in _LOOPBACK or url.port is None:
+                continue
+            runner = web.AppRunner(make(), access_log=None)
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, "127.0.0.1", url.port).start()
+            started.append(f"{name} http://127.0.0.1:{url.port}")
     return started
 
 
@@ -85,13 +90,15 @@ def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
     lines = [
         "",
         f"gateway demo: {base}  (Ctrl-C stops everything)",
-        f"  example users backends: {', '.join(backends) or 'none started'}",
+        f"  example backends: {', '.join(backends) or 'none started'}",
         "",
         "Try:",
         f"  curl -i {base}/api/users/users",
         f"  curl -i {base}/api/users/users/1",
         f"  curl -i {base}/api/users/public/info",
         f"  curl -i {base}/api/nope/                      # unknown service: 404 problem+json",
+        f"  seq 15 | xargs -P15 -I{{}} curl -s -o /dev/null -w '%{{http_code}} ' {base}/api/users/users; echo"
+        "  # about 10 pass at once, the rest get 429",
         f"  curl -i --path-as-is {base}/api/users/../etc  # leaves /api/users/: 400",
     ]
     if config.jwt is not None and config.jwt.secret is not None:
@@ -104,5 +111,13 @@ def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
             f'  curl -i -X POST -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\\n'
             f'       -d \'{{"name": "dave", "email": "dave@example.com"}}\' {base}/api/users/users',
         ]
+        if "chat" in config.services:
+            ws = base.replace("http://", "ws://", 1)
+            lines += [
+                "",
+                "Chat (WebSocket through the gateway; the token names you):",
+                f'  python -m websockets "{ws}/api/chat/rooms/lobby?access_token=$TOKEN"',
+                f"  open {base}/api/chat/ in a browser and paste the token",
+            ]
     lines += ["", "Access log (one JSON line per request) follows:", ""]
     return "\n".join(lines)

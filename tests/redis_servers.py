@@ -4,7 +4,7 @@
 - ``restartable_redis`` (function): a Redis of the test's own, to stop, pause and start again
   on the same port (store-down tests).
 - ``redis_cluster`` (session): a 3-primary Redis Cluster made with ``redis-cli --cluster create``;
-  yields its ``redis+cluster://`` URL.
+  yields its ``redis+cluster://`` URL (``redis_cluster_servers``: its three RedisServers).
 
 The fixtures are synchronous, so they need no event loop; every wait is bounded and every
 process is stopped by its pid. Nothing is persisted (``--save "" --appendonly no``).
@@ -24,7 +24,7 @@ import redis
 
 from tests.conftest import free_port, wait_for_port
 
-__all__ = ("RedisServer", "redis_cluster", "redis_server", "redis_url", "restartable_redis")
+__all__ = ("RedisServer", "redis_cluster", "redis_cluster_servers", "redis_server", "redis_url", "restartable_redis")
 
 
 def _executable(name: str) -> str:
@@ -133,31 +133,35 @@ def restartable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Three primaries, no replicas, all 16384 slots covered; yields ``redis+cluster://h:p,h:p,h:p``."""
+def redis_cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """Three primaries, no replicas, all 16384 slots covered (pause one only briefly: after
+    ``--cluster-node-timeout`` the others mark it failed)."""
     directory = tmp_path_factory.mktemp("redis-cluster")
     nodes = []
     try:
         for _ in range(3):
             port, bus_port = free_port(), free_port()  # explicit bus port: port + 10000 may be taken or > 65535
-            node = RedisServer(directory, port=port)
-            node.args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf")
-            node.args += ("--cluster-port", str(bus_port), "--cluster-node-timeout", "2000")
-            nodes.append(node)
-            node.start()
+            config = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf")
+            timing = ("--cluster-port", str(bus_port), "--cluster-node-timeout", "3000")
+            nodes.append(RedisServer(directory, *config, *timing, port=port))
+            nodes[-1].start()
         create = [_executable("redis-cli"), "--cluster", "create", *(node.address for node in nodes)]
-        subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            timeout=30,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        created = subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=30
         )
+        if created.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-500:]}{created.stderr[-500:]}")
         _wait_for_cluster_ok(nodes, timeout=15)
-        yield "redis+cluster://" + ",".join(node.address for node in nodes)
+        yield nodes
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(redis_cluster_servers: list[RedisServer]) -> str:
+    """The Cluster's ``redis+cluster://h:p,h:p,h:p`` URL."""
+    return "redis+cluster://" + ",".join(node.address for node in redis_cluster_servers)
 
 
 def _wait_for_cluster_ok(nodes: list[RedisServer], *, timeout: float) -> None:
@@ -165,11 +169,10 @@ def _wait_for_cluster_ok(nodes: list[RedisServer], *, timeout: float) -> None:
     pending = list(nodes)
     while pending:
         with pending[0].client() as client:
-            info = client.execute_command("CLUSTER INFO")
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        if "cluster_state:ok" in text:
+            state = client.execute_command("CLUSTER INFO").get("cluster_state")  # parsed into a dict
+        if state == "ok":
             pending.pop(0)
         elif time.monotonic() > deadline:
-            raise TimeoutError(f"redis cluster not ok after {timeout}s: {text.splitlines()[:2]}")
+            raise TimeoutError(f"redis cluster on {pending[0].address} is {state!r}, not ok, after {timeout}s")
         else:
             time.sleep(0.05)

@@ -7,10 +7,14 @@ whether it answers, and ``aclose()`` on cleanup.
 
 from __future__ import annotations
 
-from gateway.config import StoreConfig
+from typing import TYPE_CHECKING
+
 from gateway.stores.memory import MemoryStore
 from gateway.stores.redis import RedisStore
-from middleware.base import Store
+
+if TYPE_CHECKING:
+    from gateway.config import StoreConfig
+    from middleware.base import Store
 
 __all__ = ("SCHEMES", "MemoryStore", "RedisStore", "open_store")
 
@@ -25,7 +29,8 @@ def open_store(config: StoreConfig, *, namespace: str = "gw:") -> Store:
     scheme, separator, _ = config.url.partition("://")
     scheme = scheme.lower()
     if not separator or scheme not in SCHEMES:
-        raise ValueError(f"unsupported store url {config.url!r}: expected one of {', '.join(SCHEMES)}")
+        # the URL itself may carry a password: name only its scheme
+        raise ValueError(f"unsupported store url scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
     if scheme == "memory":
         return MemoryStore(config.max_memory)
     return RedisStore.from_url(config.url, namespace=namespace, timeout=config.timeout)

@@ -57,7 +57,8 @@ class MemoryStore:
         interval = interval_us(limit, period)
         now = self._clock()
         entry = self._lookup(key, now)
-        decision = decide(round(now * 1_000_000), None if entry is None else int(entry.value), interval, limit)
+        tat = int(entry.value) if entry is not None and entry.value.isdigit() else None  # as Lua's tonumber
+        decision = decide(round(now * 1_000_000), tat, interval, limit)
         if decision.tat is not None:
             self._store(key, b"%d" % decision.tat, now + decision.ttl_ms / 1000)
         return decision.quota()

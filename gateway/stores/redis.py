@@ -1,25 +1,28 @@
 """The Redis store (DESIGN §9): one Redis, or a Redis Cluster, shared by every gateway instance.
 
 One client (and so one connection pool) per store, which the app opens once per process.
-Every call is bounded by ``timeout`` (the socket timeouts and an ``asyncio.timeout`` around the
-whole call, retries included), and redis-py's errors are translated in one place, :func:`_edge`,
-into :class:`~middleware.base.StoreUnavailable`. A broken connection is dropped by redis-py and
-a new one is made on the next call, so the store recovers by itself when Redis comes back.
+Every call goes through :meth:`RedisStore._edge`, the one place that bounds it by ``timeout``
+(retries and reconnects included) and translates whatever redis-py raises into
+:class:`~middleware.base.StoreUnavailable`. A broken connection is dropped
+by redis-py and a new one made on the next call, so the store recovers when Redis comes back.
 
 ``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA` (loaded again automatically
 after a Redis restart), with the time taken from the Redis server so that instances agree.
-Keys are ``<namespace>{<key>}``: the braces are a Cluster hash tag, so a key's slot depends on
-the caller's key alone, and a caller may put its own ``{tag}`` in a key to keep keys together.
+Keys are ``<namespace>{<key>}``. The braces are a Cluster hash tag: the slot depends on the
+caller's key up to its first ``}`` (all of it when it has none), never on the namespace, so
+``c:{users}:gen`` and ``c:{users}:e:1`` share a slot, for a future script over both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import cast
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -31,22 +34,15 @@ from middleware.base import Quota, StoreUnavailable
 
 __all__ = ("RedisStore",)
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Client = Redis | RedisCluster
+
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, TryAgainError, ReadOnlyError
 # (failover) and BusyLoadingError; RedisClusterException covers SlotNotCoveredError and friends.
-# OSError and TimeoutError: raised by sockets and by asyncio.timeout below.
 _ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-@contextlib.asynccontextmanager
-async def _edge(what: str, seconds: float) -> AsyncIterator[None]:
-    """Bound one store call by ``seconds`` and turn any failure into StoreUnavailable."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError as exc:
-        raise StoreUnavailable(f"redis {what}: no answer within {seconds * 1000:g}ms") from exc
-    except _ERRORS as exc:
-        raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
+_STARTUP_TIMEOUT = 5.0  # seconds the client's one-time initialisation may take, whatever the call timeout
 
 
 class RedisStore:
@@ -55,7 +51,7 @@ class RedisStore:
     Nothing connects until the first call.
     """
 
-    def __init__(self, client: Redis | RedisCluster, *, namespace: str = "gw:", timeout: float = 0.05) -> None:
+    def __init__(self, client: Client, *, namespace: str = "gw:", timeout: float = 0.05) -> None:
         if "{" in namespace or "}" in namespace:
             raise ValueError(f"namespace must not contain braces (a Cluster hash tag): {namespace!r}")
         if not timeout > 0:
@@ -64,24 +60,31 @@ class RedisStore:
         self._namespace = namespace
         self._timeout = timeout
         self._gcra = client.register_script(LUA)
+        self._detach = isinstance(client, RedisCluster)
+        self._ready = False
+        self._starting: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "gw:", timeout: float = 0.05) -> RedisStore:
         """``redis://``, ``rediss://`` or ``unix://`` for one Redis; ``redis+cluster://h1:p1,h2:p2``
         (or ``rediss+cluster://``, TLS) for a Cluster, given any of its nodes."""
         retry = Retry(NoBackoff(), 1)  # once, on a fresh connection: a pooled one may be stale
-        client: Redis | RedisCluster
+        client: Client
         if url.partition("://")[0].lower() in ("redis+cluster", "rediss+cluster"):
             client = _cluster_from_url(url, timeout=timeout, retry=retry)
         else:
-            client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry)
+            # no socket_timeout: _edge bounds the whole call, and redis-py would wrap every send
+            # in asyncio.wait_for (a task per command, ~15% of the throughput)
+            client = Redis.from_url(url, socket_connect_timeout=timeout, retry=retry)
         return cls(client, namespace=namespace, timeout=timeout)
 
+    @property
+    def client(self) -> Client:
+        """The redis-py client (for diagnostics and tests; calls on it bypass the timeout)."""
+        return self._client
+
     def key(self, key: str) -> str:
-        """The Redis key that holds ``key``: namespaced, with a hash tag unless it carries one."""
-        start = key.find("{")
-        if start != -1 and key.find("}", start + 1) > start + 1:
-            return self._namespace + key
+        """The Redis key that holds ``key``: ``<namespace>{<key>}``."""
         return f"{self._namespace}{{{key}}}"
 
     async def take(self, key: str, *, limit: int, period: float) -> Quota:
@@ -89,15 +92,13 @@ class RedisStore:
 
     async def _take(self, key: str, limit: int, period: float, *now_us: int) -> Quota:
         # now_us: tests only, to replay a sequence of times against the Python arithmetic
-        interval = interval_us(limit, period)
-        async with _edge("take", self._timeout):
-            result = await self._gcra(keys=[self.key(key)], args=[interval, limit, *now_us])
+        keys, args = [self.key(key)], [interval_us(limit, period), limit, *now_us]
+        result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         allowed, remaining, reset_us, retry_us = result
         return quota(allowed, remaining, reset_us, retry_us)
 
     async def get(self, key: str) -> bytes | None:
-        async with _edge("get", self._timeout):
-            value = await self._client.get(self.key(key))
+        value = await self._edge("get", lambda client: client.get(self.key(key)))
         return cast("bytes | None", value)  # responses are not decoded
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
@@ -105,29 +106,94 @@ class RedisStore:
         if ttl <= 0:
             await self.delete(key)
             return
-        async with _edge("set", self._timeout):
-            await self._client.set(self.key(key), value, px=max(1, -(-round(ttl * 1_000_000) // 1000)))
+        px = max(1, -(-round(ttl * 1_000_000) // 1000))
+        await self._edge("set", lambda client: client.set(self.key(key), value, px=px))
 
     async def delete(self, *keys: str) -> None:
-        if not keys:
-            return
-        async with _edge("delete", self._timeout):
-            await self._client.delete(*(self.key(key) for key in keys))  # split by slot on a Cluster
+        if keys:  # a Cluster client splits the DEL by slot
+            await self._edge("delete", lambda client: client.delete(*(self.key(key) for key in keys)))
 
     async def incr(self, key: str) -> int:
-        async with _edge("incr", self._timeout):
-            count: int = await self._client.incr(self.key(key))
+        count: int = await self._edge("incr", lambda client: client.incr(self.key(key)))
         return count
 
     async def ping(self) -> None:
-        async with _edge("ping", self._timeout):
-            await self._client.ping()
+        """Return when Redis answers. Until the client has started (its first connection; on a
+        Cluster, reading the layout), this waits up to 5 s for that, which may outlast one call's
+        timeout: ping once on startup, and the first requests need not pay for it."""
+        if self._ready:
+            await self._edge("ping", lambda client: client.ping())
+        else:
+            await self._edge("startup", lambda client: self._started_once(), seconds=_STARTUP_TIMEOUT)
 
     async def aclose(self) -> None:
         """Close the pool; never raises (it runs at cleanup, possibly with Redis gone)."""
+        if self._starting is not None:
+            self._starting.cancel()
+            await asyncio.wait({self._starting})
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 await self._client.aclose()
+
+    async def _edge(self, what: str, command: Callable[[Client], Awaitable[T]], *, seconds: float = 0.0) -> T:
+        """Run ``command`` within ``seconds`` (the timeout); any failure becomes StoreUnavailable.
+
+        On a Cluster the call runs as a task of its own, abandoned (cancelled, not awaited) when
+        time is up: redis-py's cleanup after a cancellation there may itself wait on a dead node.
+        One Redis cleans up at once, and awaiting inline saves a trip around the event loop.
+        """
+        seconds = seconds or self._timeout
+        call: asyncio.Future[T] | None = None
+        try:
+            async with asyncio.timeout(seconds):
+                if self._detach:
+                    call = asyncio.ensure_future(self._run(command))
+                    return await asyncio.shield(call)
+                return await self._run(command)
+        except TimeoutError as exc:
+            cause: BaseException = exc
+            reason = f"no answer within {seconds * 1000:g}ms"
+        except _ERRORS as exc:
+            cause, reason = exc, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # redis-py can race itself into AttributeError while reconnecting a Cluster
+            logger.warning("unexpected %s from the redis client in %s: %s", type(exc).__name__, what, exc)
+            cause, reason = exc, f"{type(exc).__name__}: {exc}"
+        finally:
+            if call is not None and not call.done():  # timed out, or our caller was cancelled
+                call.cancel()
+                call.add_done_callback(_retrieve)
+        raise StoreUnavailable(f"redis {what}: {reason}") from cause
+
+    async def _run(self, command: Callable[[Client], Awaitable[T]]) -> T:
+        if not self._ready:
+            await self._started_once()
+        return await command(self._client)
+
+    async def _started_once(self) -> None:
+        # redis-py wants initialize() awaited before a Cluster client is used concurrently (commands
+        # racing its lazy first one fail). It runs once, as a task of its own, because it can take
+        # longer than one call's timeout (a first connection, a Cluster's layout) and must not be
+        # cut short by it: the calls that cannot wait fail, the next ones find it done.
+        if self._ready:
+            return
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start())
+            self._starting.add_done_callback(self._started)
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        async with asyncio.timeout(max(_STARTUP_TIMEOUT, self._timeout)):
+            await self._client.initialize()
+            await self._client.ping()  # makes the first pooled connection(s)
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        self._starting = None  # after a failure, the next call starts over
+        self._ready = not task.cancelled() and task.exception() is None
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # an abandoned call's error is not "never retrieved"
 
 
 def _cluster_from_url(url: str, *, timeout: float, retry: Retry) -> RedisCluster:
@@ -140,7 +206,7 @@ def _cluster_from_url(url: str, *, timeout: float, retry: Retry) -> RedisCluster
         if not colon or "]" in port:  # no port given (an IPv6 address has colons of its own)
             host, port = item.strip(), "6379"
         nodes.append(ClusterNode(host.strip("[]") or "localhost", int(port)))
-    return RedisCluster(
+    client = RedisCluster(
         startup_nodes=nodes,
         username=unquote(username) or None,
         password=unquote(password) or None,
@@ -149,3 +215,17 @@ def _cluster_from_url(url: str, *, timeout: float, retry: Retry) -> RedisCluster
         socket_connect_timeout=timeout,
         retry=retry,
     )
+    client.commands_parser = _CommandTable()
+    return client
+
+
+class _CommandTable(AsyncCommandsParser):
+    """Reads the ``COMMAND`` table once. redis-py re-initialises a Cluster client after any
+    connection error and would read it again each time: ~100 ms of pure-Python parsing that
+    blocks the event loop, for every request that meets a node which is down."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node  # the node to ask COMMAND GETKEYS: keep it current
+        if not self.commands:
+            await super().initialize(node)

@@ -41,7 +41,9 @@ BAD_UPSTREAM = "expected http://host:port or https://host:port, optionally with 
 UPSTREAM_EXTRAS = "an upstream URL may carry a path prefix but no query, fragment or credentials"
 BAD_DURATION = "expected a duration like 250ms, 2s, 5m, 1h or a number of seconds"
 BAD_SIZE = "expected a size like 512KiB, 10MiB or a number of bytes"
-BAD_STORE = "expected memory://, redis://host:port/db, rediss://... or redis+cluster://h1:p1,h2:p2"
+BAD_STORE = (
+    "expected memory://, redis://host:port/db, rediss://..., redis+cluster://h1:p1,h2:p2 or rediss+cluster://..."
+)
 
 
 def load(text: str, env: dict[str, str] | None = None) -> GatewayConfig:
@@ -992,8 +994,7 @@ def test_every_error_is_reported_in_file_order() -> None:
         "routes.yaml:10:16: listen.port: expected an integer, got 'x'",
         "routes.yaml:11:37: defaults.cache.ttl: expected a duration like 250ms, 2s, 5m, 1h or a number of "
         "seconds, got 'soon'",
-        "routes.yaml:12:14: store.url: expected memory://, redis://host:port/db, rediss://... or "
-        "redis+cluster://h1:p1,h2:p2",
+        f"routes.yaml:12:14: store.url: {BAD_STORE}",
     ]
 
 

@@ -59,6 +59,7 @@ async def store(request: pytest.FixtureRequest, store_kind: str, clock: FakeCloc
         # a generous timeout: these tests are about answers; the timeout tests use the default
         config = StoreConfig(url=store_url(request, store_kind), timeout=0.5)
         store = open_store(config, namespace=unique_namespace())
+        await store.ping()  # as the gateway does on startup
     yield store
     await store.aclose()
 

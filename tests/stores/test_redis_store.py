@@ -1,0 +1,271 @@
+"""What only the Redis store has: the same answers as memory to the microsecond, bounded calls
+when Redis is down or black-holed, recovery without a new store, URLs, and Cluster slots."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.cluster
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from gateway.config import StoreConfig
+from gateway.stores import MemoryStore, RedisStore, open_store
+from middleware.base import Store, StoreUnavailable
+from tests.conftest import free_port
+from tests.redis_servers import RedisServer
+from tests.stores.conftest import FakeClock, store_url, unique_namespace
+
+REDIS_KINDS = ["redis", "cluster"]
+BOUND = 0.5  # seconds a call may take to give up, with the default 50 ms timeout (generous for CI)
+
+
+@pytest.fixture(params=REDIS_KINDS)
+async def redis_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(store_url(request, request.param), namespace=unique_namespace(), timeout=0.5)
+    await store.ping()
+    yield store
+    await store.aclose()
+
+
+# -- the same arithmetic twice -------------------------------------------------------------
+
+
+def _sequence(seed: int) -> list[tuple[int, int, float]]:
+    """(µs since the previous request, limit, period): bursts, pauses and a changed limit."""
+    rng = random.Random(seed)
+    steps = []
+    for n in range(300):
+        limit, period = (5, 10.0) if n < 200 else (3, 7.0)  # periods long enough that no TTL ends mid-test
+        gap = rng.choice([0, 1, rng.randrange(1, 2_000_000), rng.randrange(1, 5_000_000)])
+        steps.append((gap, limit, period))
+    return steps
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_same_answers_as_memory(redis_store: RedisStore, seed: int) -> None:
+    clock = FakeClock(1000.0)
+    memory = MemoryStore(clock=clock)
+    now_us = 1_700_000_000_000_000  # a Redis TIME-sized number: formatting must keep every digit
+    for gap, limit, period in _sequence(seed):
+        clock.now = round(clock.now * 1_000_000 + gap) / 1_000_000
+        now_us += gap
+        expected = await memory.take("rl", limit=limit, period=period)
+        assert await redis_store._take("rl", limit, period, now_us) == expected
+
+
+async def test_admitted_at_exactly_retry_after(redis_store: RedisStore) -> None:
+    now = 1_700_000_000_000_000
+    for _ in range(3):
+        rejected = await redis_store._take("rl", 2, 1.0, now)
+    retry_us = round(rejected.retry_after * 1_000_000)
+    assert (rejected.allowed, retry_us) == (False, 500_000)
+    assert not (await redis_store._take("rl", 2, 1.0, now + retry_us - 1)).allowed
+    assert (await redis_store._take("rl", 2, 1.0, now + retry_us)).allowed
+
+
+async def test_script_reloaded_after_flush(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, namespace=unique_namespace())
+    await store.take("rl", limit=2, period=1)
+    with redis_server.client() as client:
+        client.script_flush()
+    assert (await store.take("rl", limit=2, period=1)).remaining == 0
+    await store.aclose()
+
+
+async def test_namespaces_are_separate(redis_server: RedisServer) -> None:
+    one, two = (RedisStore.from_url(redis_server.url, namespace=unique_namespace()) for _ in range(2))
+    await one.set("k", b"one", ttl=60)
+    assert await two.get("k") is None
+    assert (await one.take("rl", limit=1, period=60)).allowed
+    assert (await two.take("rl", limit=1, period=60)).allowed
+    for store in (one, two):
+        await store.aclose()
+
+
+# -- Redis down, black-holed, back ------------------------------------------------------------
+
+Call = Callable[[Store], Awaitable[object]]
+CALLS: list[Call] = [
+    lambda store: store.take("rl", limit=5, period=1),
+    lambda store: store.get("k"),
+    lambda store: store.set("k", b"v", ttl=5),
+    lambda store: store.delete("k"),
+    lambda store: store.incr("n"),
+    lambda store: store.ping(),
+]
+
+
+async def _all_unavailable(store: Store) -> None:
+    for call in CALLS:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await call(store)
+        assert time.monotonic() - started < BOUND
+
+
+async def test_down_then_back_without_a_new_store(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url), namespace=unique_namespace())  # 50 ms
+    await store.ping()
+    assert (await store.take("rl", limit=5, period=1)).allowed
+    restartable_redis.stop(kill=True)
+    await _all_unavailable(store)
+    restartable_redis.start()
+    await store.ping()  # the first call after the restart already works
+    assert (await store.take("rl", limit=5, period=1)).remaining == 4  # a fresh Redis: a fresh budget
+    await store.aclose()
+
+
+async def test_black_hole_is_bounded(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url), namespace=unique_namespace())
+    await store.set("k", b"v", ttl=60)
+    restartable_redis.pause()  # connections are accepted, nothing is answered
+    try:
+        await _all_unavailable(store)
+    finally:
+        restartable_redis.resume()
+    assert await store.get("k") == b"v"
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("redis://127.0.0.1:{port}/0", id="refused"),
+        pytest.param("redis://10.255.255.1:6379/0", id="unroutable"),
+        pytest.param("redis+cluster://127.0.0.1:{port}", id="cluster refused"),
+    ],
+)
+async def test_never_reachable_is_bounded(url: str) -> None:
+    store = open_store(StoreConfig(url=url.format(port=free_port())), namespace="t:")
+    await _all_unavailable(store)
+    await store.aclose()
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+async def test_open_memory() -> None:
+    store = open_store(StoreConfig(url="memory://", max_memory=12345))
+    assert isinstance(store, MemoryStore)
+    assert store.max_bytes == 12345
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1/0", "rediss://user:secret@redis.example:6380/1", "unix:///run/redis.sock"]
+)
+async def test_open_single_node(url: str) -> None:
+    store = open_store(StoreConfig(url=url, timeout=0.2))  # nothing connects yet
+    assert isinstance(store, RedisStore)
+    assert isinstance(store.client, Redis)
+    assert store.client.connection_pool.connection_kwargs["socket_connect_timeout"] == 0.2
+    await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes"),
+    [
+        pytest.param("redis+cluster://h1:7000,h2:7001", {"h1:7000", "h2:7001"}, id="two"),
+        pytest.param("redis+cluster://u:p%40ss@h1:7000", {"h1:7000"}, id="credentials"),
+        pytest.param("redis+cluster://[::1]:7000,h2", {"::1:7000", "h2:6379"}, id="ipv6 and default port"),
+        pytest.param("rediss+cluster://h1:7000", {"h1:7000"}, id="tls"),
+    ],
+)
+async def test_open_cluster(url: str, nodes: set[str]) -> None:
+    store = open_store(StoreConfig(url=url))
+    assert isinstance(store, RedisStore)
+    assert isinstance(store.client, RedisCluster)
+    assert set(store.client.nodes_manager.startup_nodes) == nodes
+    await store.aclose()
+
+
+@pytest.mark.parametrize("url", ["http://redis", "redis", "memcached://h:11211"])
+def test_open_unknown_scheme(url: str) -> None:
+    with pytest.raises(ValueError, match="unsupported store url"):
+        open_store(StoreConfig(url=url))
+
+
+# -- Cluster ---------------------------------------------------------------------------------
+
+
+async def test_key_carries_a_hash_tag() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1", namespace="gw:")
+    assert store.key("rl:users:1.2.3.4") == "gw:{rl:users:1.2.3.4}"
+    other = RedisStore.from_url("redis://127.0.0.1:1", namespace="other:")
+    # the namespace never moves a key; a caller's own {tag} groups keys
+    assert key_slot(store.key("rl:a").encode()) == key_slot(other.key("rl:a").encode()) == key_slot(b"rl:a")
+    assert key_slot(store.key("c:{users}:gen").encode()) == key_slot(store.key("c:{users}:e:1").encode())
+    await store.aclose()
+    await other.aclose()
+
+
+def test_namespace_without_braces() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        RedisStore.from_url("redis://127.0.0.1:1", namespace="{gw}:")
+
+
+async def test_cluster_keys_land_in_their_slot(redis_cluster: str) -> None:
+    store = RedisStore.from_url(redis_cluster, namespace=unique_namespace(), timeout=0.5)
+    keys = [f"rl:{n}" for n in range(30)]  # spread over the three nodes: the script loads on each
+    for key in keys:
+        assert (await store.take(key, limit=1, period=60)).allowed
+    host, port = redis_cluster.removeprefix("redis+cluster://").split(",")[0].split(":")
+    with redis.cluster.RedisCluster(host=host, port=int(port)) as client:
+        slots = {client.keyslot(store.key(key)) for key in keys}
+        assert slots == {key_slot(key.encode()) for key in keys}
+        assert len({client.nodes_manager.get_node_from_slot(slot).name for slot in slots}) == 3
+        assert client.exists(*(store.key(key) for key in keys)) == len(keys)
+    await store.aclose()
+
+
+async def test_cluster_node_black_hole_is_bounded(redis_cluster: str, redis_cluster_servers: list[RedisServer]) -> None:
+    paused = redis_cluster_servers[0]
+    store = RedisStore.from_url(redis_cluster, namespace=unique_namespace())  # 50 ms
+    await store.ping()
+    on_paused = [key for key in (f"rl:{n}" for n in range(100)) if _port_of(store, key) == paused.port]
+    elsewhere = [key for key in (f"rl:{n}" for n in range(100)) if _port_of(store, key) != paused.port]
+    paused.pause()  # briefly: well under --cluster-node-timeout, so the Cluster itself stays ok
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.take(on_paused[0], limit=5, period=1)
+        assert time.monotonic() - started < BOUND
+        assert (await store.take(elsewhere[0], limit=5, period=1)).allowed  # the other slots still answer
+    finally:
+        paused.resume()
+    deadline = time.monotonic() + 5
+    while True:  # redis-py re-reads the layout after the failure; the node answers again
+        try:
+            assert (await store.take(on_paused[1], limit=5, period=1)).allowed
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    await store.aclose()
+
+
+def _port_of(store: RedisStore, key: str) -> int:
+    assert isinstance(store.client, RedisCluster)
+    node = store.client.nodes_manager.get_node_from_slot(key_slot(store.key(key).encode()))
+    return int(node.port)
+
+
+async def test_cluster_ready_even_when_startup_outlasts_the_timeout(redis_cluster: str) -> None:
+    # reading the Cluster's layout and command table takes longer than 10 ms: calls before that
+    # fail, but the startup is not cut short by them, and a ping waits for it
+    store = RedisStore.from_url(redis_cluster, namespace=unique_namespace(), timeout=0.01)
+    with pytest.raises(StoreUnavailable, match="no answer within 10ms"):
+        await store.get("k")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await store.ping()
+            break
+        except StoreUnavailable:  # a 10 ms ping may miss on a busy machine; the startup is done
+            assert time.monotonic() < deadline
+    await store.aclose()
