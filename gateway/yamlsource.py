@@ -85,8 +85,9 @@ def parse_yaml(text: str, *, filename: str, env: Mapping[str, str]) -> Source:
 
 def _protect(text: str) -> tuple[str, list[str] | None]:
     """Swap each ``${...}``/``$$`` for a same-length placeholder; None: the file has private-use
-    characters of its own, so references are replaced where they stand (not in flow collections)."""
-    if _PRIVATE_USE.search(text):
+    characters of its own (or unicode escapes that could make some), so references are replaced
+    where they stand (not in flow collections)."""
+    if _PRIVATE_USE.search(text) or "\\u" in text or "\\U" in text:
         return text, None
     references: list[str] = []
 

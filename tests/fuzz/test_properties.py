@@ -1,0 +1,123 @@
+"""Property tests (hypothesis): the config loader and the path normaliser hold their
+promises for any input, not only the ones we thought of (DESIGN §3, §4)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.config import ConfigInvalid, load_text
+from gateway.routing import PathRejected, RouteTable, normalise_path
+from middleware.problem import Problem
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_LOCATED = re.compile(r"^.+:\d+:\d+: ")
+
+# -- the config loader: any document loads or raises located errors, never anything else ------
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 70000), st.floats(allow_nan=True),
+    st.text(max_size=12), st.sampled_from(["1s", "5m", "10MiB", "off", "on", "none", "${X}", "${X:-3}", "http://h:1"]),
+)  # fmt: skip
+KEYS = [
+    "listen", "admin", "store", "limits", "jwt", "defaults", "services", "trusted_proxies", "host", "port",
+    "url", "on_error", "timeout", "max_body", "secret", "algorithms", "auth", "scopes", "rate_limit", "cache",
+    "requests", "per", "key", "ttl", "upstreams", "routes", "path", "methods", "websocket", "users", "retries",
+]  # fmt: skip
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6)), inner, max_size=5),
+    ),
+    max_leaves=25,
+)
+
+
+def _check(text: str) -> None:
+    try:
+        load_text(text, env={"X": "1"})
+    except ConfigInvalid as exc:
+        assert exc.errors, "ConfigInvalid must carry at least one error"
+        for error in exc.errors:
+            assert _LOCATED.match(str(error)), str(error)
+
+
+@FUZZ
+@given(documents)
+def test_any_yaml_document_loads_or_raises_located_errors(document: object) -> None:
+    _check(yaml.safe_dump(document))
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_any_text_loads_or_raises_located_errors(text: str) -> None:
+    _check(text)
+
+
+VALID = """
+jwt: {secret: s}
+services:
+  users:
+    upstreams: [http://127.0.0.1:9001]
+    rate_limit: {requests: 5, per: 1s}
+    routes:
+      - {path: /public/*, auth: none}
+"""
+
+
+@FUZZ
+@given(st.integers(0, len(VALID) - 1), st.text(max_size=3))
+def test_a_mangled_valid_config_loads_or_raises_located_errors(position: int, insert: str) -> None:
+    _check(VALID[:position] + insert + VALID[position:])
+
+
+# -- the path normaliser: a normalised path never leaves its service prefix -----------------
+
+SEGMENTS = st.sampled_from(
+    ["a", "users", "..", ".", "", "%2e", "%2E%2e", "%2e.", "%2f", "%41", "%7e", "%", "%zz", "x%20y", "api", "svc", "\\"]
+)
+paths = st.lists(SEGMENTS, max_size=8).map(lambda parts: "/" + "/".join(parts))
+
+TABLE = RouteTable(load_text("defaults: {auth: none}\nservices: {svc: {upstreams: ['http://h:1']}}").services,
+                   {"svc": lambda request: None})  # type: ignore[dict-item, arg-type, return-value]  # fmt: skip
+
+
+@FUZZ
+@given(paths)
+def test_normalised_paths_have_no_dot_segments_or_empty_segments(path: str) -> None:
+    try:
+        segments, _ = normalise_path(path)
+    except PathRejected:
+        return
+    assert all(s not in ("", ".", "..") for s in segments)
+    assert not any("%2F" in s.upper() or "/" in s for s in segments)
+
+
+@FUZZ
+@given(paths)
+def test_a_matched_request_never_leaves_its_service(path: str) -> None:
+    target = "/api/svc" + path
+    try:
+        match = TABLE.match("GET", target)
+    except Problem as problem:
+        assert problem.status == 400
+        return
+    if match is None:
+        return
+    rest = match.target.rest
+    assert rest == "" or rest.startswith("/")
+    # re-normalising what goes upstream gives the same segments: nothing left to resolve
+    segments, _ = normalise_path("/api/svc" + (rest or "/"))
+    assert segments[:2] == ["api", "svc"]
+    assert ".." not in rest.split("/") and "." not in rest.split("/")
+
+
+@pytest.mark.parametrize("path", ["/api/svc/%2e%2e/%2e%2e/etc", "/api/svc/..", "/api/svc/a/../../b"])
+def test_known_escapes_are_400(path: str) -> None:
+    with pytest.raises(Problem):
+        TABLE.match("GET", path)
