@@ -23,12 +23,18 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from report import README, Sample, progress_line, results_section, write_readme
-from servers import LOAD_CPU, SERVER_CPU, TARGETS, BenchError, CpuMeter, Lab, Target, start_lab
+import features
+import servers
+import ws_bench
+from report import README, Sample, environment, progress_line, results_section, write_readme
+from servers import LOAD_CPU, SERVER_CPU, BenchError, CpuMeter, Lab, Target, start_lab
 from wrk import wrk
 
 CONNECTIONS = 64
-AIOHTTP_TARGETS = ("minimal-proxy", "gateway")  # their logs say which event loop they run on
+STARTERS = {**servers.STARTERS, **features.STARTERS}
+HTTP_TARGETS = ("direct", *STARTERS)
+WS_TARGETS = ("ws-relay", "idle-memory")  # ws_bench.py: its own section of the README
+TARGETS = (*HTTP_TARGETS, *WS_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,11 @@ class Plan:
 
 def measure(target: Target, lab: Lab, plan: Plan) -> Sample:
     """Warm up, then the loaded run (throughput, latency, CPU per request), then 1 connection."""
-    wrk(target.url, CONNECTIONS, plan.warmup)
+    wrk(target.url, CONNECTIONS, plan.warmup, target.headers)
     meter = CpuMeter(lab.servers)
-    loaded = wrk(target.url, CONNECTIONS, plan.seconds)
+    loaded = wrk(target.url, CONNECTIONS, plan.seconds, target.headers)
     cpu, foreign = meter.read()
-    single = wrk(target.url, 1, plan.single_seconds)
+    single = wrk(target.url, 1, plan.single_seconds, target.headers)
     return Sample(
         rps=loaded.rps,
         p50_ms=loaded.p50_ms,
@@ -89,7 +95,7 @@ def run_rounds(lab: Lab, plan: Plan) -> dict[str, list[Sample]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per measured run (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 s, 1 round, README left alone")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
@@ -130,10 +136,13 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through the ExitStack, which stops every server
 
 
-def bench(args: argparse.Namespace) -> str:
+def bench(args: argparse.Namespace) -> dict[str, str]:
+    """Run the selected benchmarks; the README sections they produce, by marker name."""
     plan = Plan.for_duration(args.duration, args.rounds)
     priority = raise_priority()
     load = "load average before the run: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    conditions = f"{priority}; {load}"
+    sections: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
         work.chmod(0o755)  # nginx workers read the static file from here
@@ -141,14 +150,44 @@ def bench(args: argparse.Namespace) -> str:
             print(f"configs and logs kept in {work}", flush=True)
         else:
             stack.callback(shutil.rmtree, work, ignore_errors=True)  # runs after the servers stop
-        lab = start_lab(args.targets, work, stack)
-        names = ", ".join(t.name for t in lab.targets)
-        print(f"measuring {names}: about {plan.total_seconds(len(lab.targets))} s", flush=True)
-        samples = run_rounds(lab, plan)
-        logs = {t.name: t.server.log_head() for t in lab.targets if t.name in AIOHTTP_TARGETS}
+        samples: dict[str, list[Sample]] = {}
+        if http := [name for name in args.targets if name in HTTP_TARGETS]:
+            lab = start_lab(http, STARTERS, work, stack)
+            names = ", ".join(t.name for t in lab.targets)
+            print(f"measuring {names}: about {plan.total_seconds(len(lab.targets))} s", flush=True)
+            samples = run_rounds(lab, plan)
+            logs = {t.name: t.server.log_head() for t in lab.targets if t.name in ("minimal-proxy", "gateway")}
+            costs = features.jwt_verify_costs() if any(n.startswith("gateway-jwt") for n in http) else None
+            sections["results"] = results_section(samples, f"{plan.describe()}; {conditions}", logs, costs)
+        if ws := [name for name in args.targets if name in WS_TARGETS]:
+            sections["websocket"] = websocket_section(ws, plan, conditions, work, stack)
     if args.json:
         args.json.write_text(json.dumps({k: [asdict(s) for s in v] for k, v in samples.items()}, indent=2))
-    return results_section(samples, f"{plan.describe()}; {priority}; {load}", logs)
+    return sections
+
+
+def websocket_section(names: list[str], plan: Plan, conditions: str, work: Path, stack: contextlib.ExitStack) -> str:
+    """Relay rate (``ws-relay``) and memory per idle connection (``idle-memory``): one README section."""
+    ws_bench.raise_nofile()
+    echo = ws_bench.start_echo(work, stack)
+    seconds = max(1, plan.seconds // 2)
+    warmup = max(1, plan.warmup)
+    parts = ["### Latest WebSocket results", ""]
+    relay = ""
+    if "ws-relay" in names:
+        print(f"measuring {', '.join(ws_bench.WS_TARGETS)}: about {plan.rounds * 3 * (warmup + seconds + 1)} s")
+        relay = ws_bench.relay_table(ws_bench.run_relay(plan.rounds, warmup, seconds, work, stack, echo))
+    idle = ws_bench.idle_table(ws_bench.run_idle(work, stack, echo)) if "idle-memory" in names else ""
+    plan_text = (
+        f"relay: {plan.rounds} rounds of ({warmup} s warmup + {seconds} s) per target, alternating, medians;"
+        f" {ws_bench.CLIENTS} sockets x {ws_bench.MESSAGE_BYTES}-byte text round trips; {conditions}"
+    )
+    parts += [*environment(plan_text, {}), ""]
+    if relay:
+        parts += ["#### Relay rate and round trips (issue 6.5)", "", relay, ""]
+    if idle:
+        parts += ["#### Memory per idle connection (issue 6.5; issue 8 for HTTP)", "", idle, ""]
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,17 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _exit_on_signal)
     try:
         check_tools()
-        section = bench(args)
+        sections = bench(args)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bench: interrupted; servers stopped", file=sys.stderr)
         return 130
-    print()
-    print(section)
-    if not args.no_readme:
-        write_readme(section)
+    titles = {"results": "Results", "websocket": "WebSocket results"}
+    for marker, section in sections.items():
+        print()
+        print(section)
+        if not args.no_readme:
+            write_readme(section, marker=marker, title=titles[marker])
+    if sections and not args.no_readme:
         print(f"results written to {README}")
     return 0
 

@@ -33,7 +33,6 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 FILE_NAME = "hello.json"
 DIRECT_PATH = f"/{FILE_NAME}"  # what the backend serves; nginx and minimal proxies pass paths through
 GATEWAY_PATH = f"/api/static/{FILE_NAME}"  # DESIGN §4: the gateway maps it to <upstream>/hello.json
-TARGETS = ("direct", "nginx-proxy", "minimal-proxy", "gateway")
 
 
 class BenchError(Exception):
@@ -110,19 +109,26 @@ def start(name: str, argv: list[str], cpu: str, work: Path, stack: contextlib.Ex
     return server
 
 
-def wait_ready(server: Server, url: str, expect: bytes) -> None:
-    """Poll ``url`` until it returns 200 with ``expect``; fail early if the server exits."""
+def wait_ready(
+    server: Server, url: str, expect: bytes, headers: Sequence[str] = (), must_have: Sequence[str] = ()
+) -> None:
+    """Poll ``url`` until it returns 200 with ``expect`` (and the response headers named in
+    ``must_have``); ``headers`` are ``Name: value`` lines sent along. Fails early if the server exits."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    sent = dict(line.split(": ", 1) for line in headers)
     deadline = time.monotonic() + READY_TIMEOUT
     last = "no answer"
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise BenchError(f"{server.name} exited with {server.proc.returncode}; log:\n{server.log_tail()}")
         try:
-            with opener.open(url, timeout=2) as response:
+            with opener.open(urllib.request.Request(url, headers=sent), timeout=2) as response:
                 body = response.read()
-            if body == expect:
+                missing = [name for name in must_have if name not in response.headers]
+            if body == expect and not missing:
                 return
+            if missing:
+                body = f"no {', '.join(missing)} header".encode()
             last = f"200 with an unexpected body {body[:200]!r}"
         except urllib.error.HTTPError as exc:
             last = f"{exc.code} {exc.read()[:300]!r}"
@@ -158,14 +164,20 @@ class CpuMeter:
 
 @dataclass(frozen=True)
 class Target:
-    """One thing wrk drives; ``server`` is the process whose CPU time is charged to it."""
+    """One thing wrk drives; ``server`` is the process whose CPU time is charged to it.
+
+    ``headers`` (``Name: value``) go with every request; ``helpers`` are processes the
+    target needs besides its server (a Redis), whose CPU time is ours, not other load.
+    """
 
     name: str
     url: str
     server: Server
+    headers: tuple[str, ...] = ()
+    helpers: tuple[Server, ...] = ()
 
 
-def nginx_conf(prefix: Path, server_block: str, upstream_block: str = "") -> Path:
+def nginx_conf(prefix: Path, server_block: str, upstream_block: str = "", connections: int = 4096) -> Path:
     """A self-contained nginx.conf: pid, logs and temp files under ``prefix``, one worker."""
     user = "user root;" if os.geteuid() == 0 else ""  # the default, nobody:nobody, lacks a group on Debian
     temp = "\n".join(
@@ -175,9 +187,10 @@ def nginx_conf(prefix: Path, server_block: str, upstream_block: str = "") -> Pat
     conf.write_text(f"""{user}
 daemon off;
 worker_processes 1;
+worker_rlimit_nofile {connections + 100};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
 {temp}
@@ -192,11 +205,17 @@ http {{
 
 
 def start_nginx(
-    name: str, server_block: str, cpu: str, work: Path, stack: contextlib.ExitStack, upstream: str = ""
+    name: str,
+    server_block: str,
+    cpu: str,
+    work: Path,
+    stack: contextlib.ExitStack,
+    upstream: str = "",
+    connections: int = 4096,
 ) -> Server:
     prefix = work / name
     prefix.mkdir()
-    conf = nginx_conf(prefix, server_block, upstream)
+    conf = nginx_conf(prefix, server_block, upstream, connections)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     return start(name, [nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)], cpu, work, stack)
 
@@ -239,17 +258,28 @@ def gateway_command() -> str:
     return found
 
 
-def start_gateway(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
-    """The gateway as a plain proxy: no auth, no rate limit, no cache, no admin listener."""
-    config = work / "routes.yaml"
-    config.write_text(f"""listen: {{host: 127.0.0.1, port: {port}}}
+def start_gateway_with(name: str, routes: str, port: int, work: Path, stack: contextlib.ExitStack) -> Server:
+    """``gateway run`` on ``routes`` (a routes.yaml text), written to ``<work>/<name>/routes.yaml``."""
+    config = work / name / "routes.yaml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text(routes)
+    argv = [gateway_command(), "run", "-c", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    return start(name, argv, SERVER_CPU, work, stack)
+
+
+def plain_routes(port: int, backend: int, *, defaults: str = "auth: none, rate_limit: off, cache: off") -> str:
+    """The plain-proxy routes.yaml; the feature targets change ``defaults`` and add sections."""
+    return f"""listen: {{host: 127.0.0.1, port: {port}}}
 admin: off
-defaults: {{auth: none, rate_limit: off, cache: off}}
+defaults: {{{defaults}}}
 services:
   static: {{upstreams: ["http://127.0.0.1:{backend}"]}}
-""")
-    argv = [gateway_command(), "run", "-c", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    server = start("gateway", argv, SERVER_CPU, work, stack)
+"""
+
+
+def start_gateway(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """The gateway as a plain proxy: no auth, no rate limit, no cache, no admin listener."""
+    server = start_gateway_with("gateway", plain_routes(port, backend), port, work, stack)
     return Target("gateway", f"http://127.0.0.1:{port}{GATEWAY_PATH}", server)
 
 
@@ -270,17 +300,18 @@ class Lab:
 
     @property
     def servers(self) -> list[Server]:
-        return [self.backend, *(t.server for t in self.targets if t.server is not self.backend)]
+        others = [s for t in self.targets for s in (t.server, *t.helpers) if s is not self.backend]
+        return [self.backend, *others]
 
 
-def start_lab(names: list[str], work: Path, stack: contextlib.ExitStack) -> Lab:
-    """The backend (always) and the named targets, in TARGETS order, each answering correctly."""
+def start_lab(names: Sequence[str], starters: dict[str, StartFn], work: Path, stack: contextlib.ExitStack) -> Lab:
+    """The backend (always) and the named targets, in ``starters`` order, each answering correctly."""
     backend_port = free_port()
     direct = start_backend(backend_port, work, stack)
     wait_ready(direct.server, direct.url, payload())
     targets = [direct] if "direct" in names else []
-    for name in (n for n in TARGETS if n in names and n != "direct"):
-        target = STARTERS[name](free_port(), backend_port, work, stack)
-        wait_ready(target.server, target.url, payload())
+    for name in (n for n in starters if n in names):
+        target = starters[name](free_port(), backend_port, work, stack)
+        wait_ready(target.server, target.url, payload(), target.headers)
         targets.append(target)
     return Lab(direct.server, targets)

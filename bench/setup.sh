@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what `make bench` needs (wrk, nginx, taskset) from Debian packages.
+# Install what `make bench` needs (wrk, nginx, taskset, redis-server) from Debian packages.
 # Idempotent: does nothing when everything is already on PATH; runs
 # `apt-get update` only when a package cannot be found in the local lists.
 set -euo pipefail
@@ -8,6 +8,7 @@ need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from servers import LOAD_CPU, BenchError
@@ -47,9 +48,10 @@ def parse_wrk(text: str) -> WrkResult:
     return WrkResult(requests, rps, _percentile_ms(50, text), _percentile_ms(99, text), errors)
 
 
-def wrk(url: str, connections: int, seconds: int) -> WrkResult:
-    """``wrk -t1 -c<connections> -d<seconds>s --latency`` pinned to the load CPU."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s", url]
+def wrk(url: str, connections: int, seconds: int, headers: Sequence[str] = ()) -> WrkResult:
+    """``wrk -t1 -c<connections> -d<seconds>s --latency [-H header]...`` pinned to the load CPU."""
+    extra = [arg for header in headers for arg in ("-H", header)]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s", *extra, url]
     done = subprocess.run(
         ["taskset", "-c", LOAD_CPU, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
     )

@@ -23,21 +23,31 @@ from middleware.request_id import RequestIdMiddleware
 
 from . import websocket
 from .chain import ChainDeps, build_route_handler
-from .config import GatewayConfig
+from .config import GatewayConfig, Service
+from .metrics import METRICS, Metrics, refresh_in_background
 from .proxy import Forwarder
 from .routing import TARGET, RouteTable
 from .stores import MemoryStore, open_store
 from .upstreams import UpstreamPool
 
-__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "STORE", "RouteHolder", "create_app", "dispatch")
+__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "STORE", "RouteHolder", "build_routes", "create_app", "dispatch")
 
 logger = logging.getLogger(__name__)
 
 
 class RouteHolder:
-    """The live route table; replaced as a whole on reload, so the app key never changes."""
+    """The live route table; replaced as a whole on reload, so the app key never changes.
+
+    ``config`` is the config the table was built from: after a reload it is newer than
+    ``app[CONFIG]`` (the startup config, which an app cannot change once started).
+    """
 
     table: RouteTable | None = None
+    config: GatewayConfig | None = None
+    keys: KeySource | None = None  # the JWT keys the table verifies with
+
+    def __init__(self) -> None:
+        self.pools: dict[str, UpstreamPool] = {}  # by service; kept across reloads while unchanged
 
 
 CONFIG = web.AppKey("config", GatewayConfig)
@@ -47,14 +57,20 @@ KEYS = web.AppKey("keys", KeySource)
 STORE = web.AppKey("store", Store)
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def create_app(config: GatewayConfig, *, metrics: Metrics | None = None) -> web.Application:
+    metrics = Metrics() if metrics is None else metrics
     app = web.Application(
-        middlewares=[RequestIdMiddleware(trusted_proxies=config.trusted_proxies), ProblemMiddleware()],
+        middlewares=[
+            RequestIdMiddleware(trusted_proxies=config.trusted_proxies, observe=metrics.observe),
+            ProblemMiddleware(),
+        ],
         handler_args={"max_field_size": 16 * 1024},
     )
     app[CONFIG] = config
     app[ROUTES] = RouteHolder()
-    app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table])  # torn down in reverse
+    app[METRICS] = metrics
+    metrics.add_source(functools.partial(_state_gauges, app))
+    app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table, refresh_in_background])  # reverse teardown
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
     app.router.add_route("*", "/{tail:.*}", dispatch)
@@ -109,7 +125,23 @@ async def jwt_keys(app: web.Application) -> AsyncIterator[None]:
 
 async def route_table(app: web.Application) -> AsyncIterator[None]:
     """Build every route's chain once, on the shared session."""
-    config = app[CONFIG]
+    holder = app[ROUTES]
+    holder.keys = app.get(KEYS)
+    holder.table, holder.pools = build_routes(app, app[CONFIG], keys=holder.keys)
+    holder.config = app[CONFIG]
+    yield
+
+
+def build_routes(
+    app: web.Application,
+    config: GatewayConfig,
+    *,
+    keys: KeySource | None,
+    previous: RouteHolder | None = None,
+) -> tuple[RouteTable, dict[str, UpstreamPool]]:
+    """Every route's chain for ``config``, on the app's session and store (at startup, and again
+    on each reload). The pool of a service whose upstreams and breaker are unchanged is taken
+    from ``previous``, so its breaker state survives a reload; rate-limit budgets live in the store."""
     jwt = config.jwt
     forwarder = Forwarder(
         app[SESSION],
@@ -118,20 +150,39 @@ async def route_table(app: web.Application) -> AsyncIterator[None]:
         strip_headers=frozenset(claim_header_names(jwt)) if jwt else frozenset(),
         claim_headers=functools.partial(claim_headers, jwt) if jwt else None,
     )
-    pools = {name: UpstreamPool(name, service.upstreams, service.breaker) for name, service in config.services.items()}
+    pools = {name: _pool(name, service, previous) for name, service in config.services.items()}
     on_error = config.store.on_error
     deps = ChainDeps(
         forwarder=forwarder,
         pools=pools,
         jwt=jwt,
-        keys=app.get(KEYS),
+        keys=keys,
         store=app[STORE],
         on_error=on_error,
         local_store=MemoryStore(config.store.max_memory) if on_error == "local" else None,
     )
     handlers = {route.name: build_route_handler(route, deps) for s in config.services.values() for route in s.routes}
-    app[ROUTES].table = RouteTable(config.services, handlers)
-    yield
+    return RouteTable(config.services, handlers), pools
+
+
+def _pool(name: str, service: Service, previous: RouteHolder | None) -> UpstreamPool:
+    if previous is not None and previous.config is not None and name in previous.pools:
+        before = previous.config.services.get(name)
+        if before is not None and (before.upstreams, before.breaker) == (service.upstreams, service.breaker):
+            return previous.pools[name]
+    return UpstreamPool(name, service.upstreams, service.breaker)
+
+
+def _state_gauges(app: web.Application, metrics: Metrics) -> None:
+    """The gauges read from live objects: upstream health, open WebSocket relays."""
+    holder = app[ROUTES]
+    metrics.set_upstream_health(
+        (name, upstream.label, pool.healthy(upstream))
+        for name, pool in holder.pools.items()
+        for upstream in pool.upstreams
+    )
+    relays = app.get(websocket.OPEN_RELAYS)
+    metrics.websockets.set(len(relays) if relays is not None else 0)
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:

@@ -16,12 +16,16 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource
 from middleware.base import Handler, Middleware, Store
+from middleware.cache import CacheMiddleware
 from middleware.rate_limit import RateLimitMiddleware
 
 from .config import Route
 from .proxy import Forwarder, RouteProxy
+from .routing import TARGET
 from .upstreams import UpstreamPool
 from .websocket import WebSocketRelay, upgrades_to
 
@@ -69,4 +73,12 @@ def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
                 route.rate_limit, store=deps.store, scope=route.name, on_error=deps.on_error, fallback=deps.local_store
             )
         )
+    if route.cache is not None:
+        chain.append(CacheMiddleware(route.cache, store=deps.store, scope=route.service, target=_target))
     return compose(chain, endpoint)
+
+
+def _target(request: web.Request) -> tuple[str, str | None]:
+    """The cache's view of a request: its normalised path below the service, and the raw query."""
+    target = request[TARGET]
+    return target.rest or "/", target.query

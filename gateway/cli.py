@@ -1,14 +1,20 @@
-"""The ``gateway`` command (DESIGN §2): run, check, demo, token.
+"""The ``gateway`` command (DESIGN §2, §8): run, check, demo, token, explain, purge.
 
 Parses arguments and calls into the package; no logic of its own. ``check`` prints its
 findings on stdout (like a linter); ``run`` and ``token`` print errors on stderr.
+``explain`` asks the running gateway's admin listener when it answers (live budgets and
+upstream health), else builds the routes in this process; ``purge`` needs the admin listener.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -53,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return serve(config, host=host, port=port, workers=args.workers)
     except OSError as exc:  # the port is taken, the address is not ours, ...
-        print(f"gateway: cannot serve on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        where = exc.filename or f"{host}:{port}"  # the admin listener names itself
+        print(f"gateway: cannot serve on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
@@ -82,6 +89,83 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gateway token: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _admin_url(config: GatewayConfig, option: str | None) -> str | None:
+    if option:
+        return option.rstrip("/")
+    if not config.admin.enabled:
+        return None
+    host = config.admin.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    return f"http://[{host}]:{config.admin.port}" if ":" in host else f"http://{host}:{config.admin.port}"
+
+
+def _ask_admin(url: str, *, method: str = "GET") -> tuple[int, dict[str, object]] | None:
+    """(status, JSON body) from the admin listener; None when nothing answers there."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import parse_header, render
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    try:
+        headers = [parse_header(h) for h in args.header]
+    except ValueError as exc:
+        print(f"gateway explain: {exc}", file=sys.stderr)
+        return 2
+    query = [("method", args.method), ("path", args.path), ("client", args.client)]
+    query += [("header", f"{name}: {value}") for name, value in headers]
+    admin = _admin_url(config, args.admin)
+    answer = _ask_admin(f"{admin}/explain?{urllib.parse.urlencode(query)}") if admin else None
+    if answer is not None and answer[0] == 200:
+        result, source = answer[1], f"live, from {admin}"
+    else:
+        from .explain import explain_offline
+
+        result, source = explain_offline(config, args.method, args.path, headers, client=args.client), "offline"
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render(result, source=source))
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    admin = _admin_url(config, args.admin)
+    if admin is None:
+        print("gateway purge: the admin listener is off in this config (admin: off)", file=sys.stderr)
+        return 1
+    query = {"service": args.service, **({"prefix": args.prefix} if args.prefix else {})}
+    if args.tag:
+        query["tag"] = args.tag
+    answer = _ask_admin(f"{admin}/cache/purge?{urllib.parse.urlencode(query)}", method="POST")
+    if answer is None:
+        print(f"gateway purge: nothing answers at {admin}: is the gateway running?", file=sys.stderr)
+        return 1
+    status, body = answer
+    if status != 200:
+        print(f"gateway purge: {body.get('error', status)}", file=sys.stderr)
+        return 1
+    count = body["purged"]
+    print(f"purged {count} cached {'entry' if count == 1 else 'entries'} of {args.service}")
     return 0
 
 
@@ -115,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", default="1h", help="lifetime: 30m, 1h, 1d (default 1h)")
     token.add_argument("--claim", action="append", default=[], metavar="NAME=VALUE", help="an extra claim (repeatable)")
     token.set_defaults(func=_token)
+
+    admin_help = "admin listener URL (default: admin.host/admin.port from the config)"
+    explain = commands.add_parser("explain", help="show how a request would be handled, without sending it")
+    explain.add_argument("method", help="GET, POST, ...")
+    explain.add_argument("path", help="the request target, e.g. /api/users/1?x=y")
+    explain.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'", help="(repeatable)")
+    explain.add_argument("--client", default="127.0.0.1", help="the client address (for ip rate-limit keys)")
+    explain.add_argument("-c", "--config", help=config_help)
+    explain.add_argument("--admin", help=admin_help)
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.set_defaults(func=_explain)
+
+    purge = commands.add_parser("purge", help="drop cached responses of a service (through the admin listener)")
+    purge.add_argument("--service", required=True)
+    purge.add_argument("--prefix", help="only paths below this prefix (relative to the service)")
+    purge.add_argument("--tag", help="only entries the upstream tagged with Cache-Tag")
+    purge.add_argument("-c", "--config", help=config_help)
+    purge.add_argument("--admin", help=admin_help)
+    purge.set_defaults(func=_purge)
     return parser
 
 

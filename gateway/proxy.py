@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-from middleware.base import CLAIMS, OUTCOME, REQUEST_ID, IPNetwork
+from middleware.base import BODY_TAP, CLAIMS, OUTCOME, REQUEST_ID, BodyTap, IPNetwork
 from middleware.problem import Problem
 from middleware.request_id import is_trusted
 
@@ -225,6 +225,11 @@ class RouteProxy:
         for name, value in upstream.headers.items():
             if name not in drop:
                 headers.add(name, value)
+        tap = request.get(BODY_TAP)
+        if tap is not None:
+            wanted = tap.start(upstream.status, upstream.reason or "", list(headers.items()))
+            if tap.detached:  # a background refresh: nobody to answer, only the tap to fill
+                return await self._fill(request, upstream, tap, wanted)
         length = upstream.content_length
         bodiless = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
         if not bodiless and length is not None and length <= _SMALL_BODY:
@@ -232,18 +237,27 @@ class RouteProxy:
             try:
                 body = await upstream.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if tap is not None:
+                    tap.finish(False)
                 raise Problem(502, f"upstream {request[OUTCOME].upstream} broke off its response") from exc
+            if tap is not None:
+                tap.feed(body)
+                tap.finish(True)
             return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if bodiless:
             await response.write_eof()
+            if tap is not None:
+                tap.finish(True)
             return response
         content = upstream.content
         while True:
             try:
                 chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if tap is not None:
+                    tap.finish(False)
                 # The status line is out: the only honest signal left is to cut the connection.
                 request[OUTCOME].error = f"upstream body failed: {type(exc).__name__}"
                 logger.warning("upstream body from %s failed mid-stream: %r", request[OUTCOME].upstream, exc)
@@ -252,9 +266,31 @@ class RouteProxy:
                 return response
             if not chunk:
                 break
+            if tap is not None:
+                tap.feed(chunk)
             await response.write(chunk)  # a client that went away raises here, and the request ends
         await response.write_eof()
+        if tap is not None:
+            tap.finish(True)
         return response
+
+    async def _fill(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, tap: BodyTap, wanted: bool
+    ) -> web.StreamResponse:
+        """Read the body into a detached tap only, while it wants more; the response is never sent."""
+        bodiless = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
+        complete = bodiless
+        try:
+            while wanted and not bodiless:
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    complete = True
+                    break
+                wanted = tap.feed(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            logger.warning("upstream body from %s failed during a refresh: %r", request[OUTCOME].upstream, exc)
+        tap.finish(complete and wanted)
+        return web.StreamResponse(status=upstream.status, reason=upstream.reason)
 
 
 def _upstream_path(base: str, target: Target) -> str:

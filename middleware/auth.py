@@ -19,8 +19,10 @@ import contextlib
 import enum
 import json
 import re
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,8 @@ __all__ = (
     "JwtAuthMiddleware",
     "JwtSettings",
     "KeySource",
+    "Verified",
+    "VerifiedTokens",
     "claim_header_names",
     "claim_headers",
     "token_scopes",
@@ -52,6 +56,7 @@ __all__ = (
 REALM = "gateway"
 QUERY_TOKEN = "access_token"  # accepted on WebSocket upgrades only; the relay removes it before forwarding
 MAX_TOKEN_LENGTH = 8192  # characters; anything longer is a 401 before any parsing
+VERIFY_CACHE_ENTRIES = 1024  # default bound of the verified-token cache of one middleware (jwt.verify_cache)
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6750 §3 scope-token
 
@@ -91,6 +96,7 @@ class JwtSettings:
     claims_headers: tuple[tuple[str, str], ...] = ()  # (claim, upstream header) pairs
     jwks_cache: float = 300.0  # seconds a JWKS is kept when the response has no max-age
     jwks_cooldown: float = 30.0  # at least this long between refetches triggered by an unknown kid
+    verify_cache: int = VERIFY_CACHE_ENTRIES  # verified tokens remembered (VerifiedTokens); 0 turns it off
 
     @classmethod
     def parse(cls, section: Section) -> JwtSettings:
@@ -132,6 +138,7 @@ class JwtSettings:
             claims_headers=claims_headers,
             jwks_cache=section.duration("jwks_cache", 300.0),
             jwks_cooldown=section.duration("jwks_cooldown", 30.0),
+            verify_cache=section.integer("verify_cache", VERIFY_CACHE_ENTRIES, minimum=0),
         )
         section.done()
         return settings
@@ -147,6 +154,87 @@ class JwtSettings:
                 raise ConfigError(f"{section.path_of('claims_headers')}.{claim}", "expected a header name")
             pairs.append((str(claim), header))
         return tuple(pairs)
+
+
+# -- the verified-token cache -------------------------------------------------------------
+
+_CACHEABLE_TOKEN_LENGTH = 4096  # characters; longer (rare) tokens are verified every time, bounding memory
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A token that verified: its claims, and the header and key the signature was checked with."""
+
+    claims: dict[str, Any]
+    algorithm: str
+    kid: str | None
+    key: VerificationKey
+
+
+class VerifiedTokens:
+    """Tokens that verified, so a client's next request skips parsing and the signature check.
+
+    An LRU of at most ``max_entries`` tokens, keyed by the raw token string (only
+    successes are stored: a garbage or forged token is never remembered, so it cannot
+    evict anything without a valid signature). An entry is served only while the token
+    would still pass pyjwt's time checks with the same ``leeway`` (``now < exp + leeway``
+    and ``now >= max(nbf, iat) - leeway``; ``clock`` is wall time, as pyjwt's) and for at
+    most ``max_age`` seconds. The middleware also uses a hit only while its
+    :class:`KeySource` still resolves the token's ``alg``/``kid`` to the very key that
+    verified it, so a key rotated out of the JWKS stops its tokens at once, as without
+    the cache. The rest a verification depends on (allow-list, ``iss``, ``aud``) is fixed
+    for the middleware that owns the cache; a config reload builds new ones.
+    """
+
+    def __init__(self, max_entries: int = VERIFY_CACHE_ENTRIES, *, max_age: float = 300.0,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._clock = clock
+        # token -> (what verified, valid from, valid until); both bounds already include the leeway
+        self._entries: OrderedDict[str, tuple[Verified, float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str) -> Verified | None:
+        """What verified ``token`` (its claims a copy), or None: unknown, or no longer valid."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        verified, not_before, until = entry
+        if not not_before <= self._clock() < until:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
+        # The request may add to its copy of the claims; the cached ones stay as verified.
+        return Verified(dict(verified.claims), verified.algorithm, verified.kid, verified.key)
+
+    def put(self, token: str, verified: Verified, leeway: float) -> None:
+        """Remember ``verified``, just checked for ``token`` with ``leeway`` seconds of clock skew."""
+        if len(token) > _CACHEABLE_TOKEN_LENGTH:
+            return
+        now = self._clock()
+        until = now + self._max_age
+        claims = verified.claims
+        exp, nbf, iat = (_number(claims.get(name)) for name in ("exp", "nbf", "iat"))
+        if exp is not None:
+            until = min(until, exp + leeway)  # pyjwt: expired once exp <= now - leeway
+        starts = [value - leeway for value in (nbf, iat) if value is not None]
+        not_before = max(starts, default=float("-inf"))  # pyjwt: immature while nbf/iat > now + leeway
+        if not not_before <= now < until:
+            return
+        stored = Verified(dict(claims), verified.algorithm, verified.kid, verified.key)
+        self._entries[token] = (stored, not_before, until)
+        self._entries.move_to_end(token)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 # -- the middleware ---------------------------------------------------------------------
@@ -188,12 +276,25 @@ class JwtAuthMiddleware:
     The token comes from ``Authorization: Bearer`` and, when ``websocket`` is set and the
     request is a WebSocket upgrade, from ``?access_token=`` (never on other requests).
     On success ``request[CLAIMS]`` holds the verified claims and ``request[OUTCOME].sub``
-    the subject.
+    the subject. Verified tokens are remembered in ``verified`` (shared by whoever passes
+    the same one; by default a :class:`VerifiedTokens` of ``settings.verify_cache``
+    entries, or none when that is 0).
     """
 
-    def __init__(self, policy: AuthPolicy, *, settings: JwtSettings, keys: KeySource, websocket: bool = False) -> None:
+    def __init__(
+        self,
+        policy: AuthPolicy,
+        *,
+        settings: JwtSettings,
+        keys: KeySource,
+        websocket: bool = False,
+        verified: VerifiedTokens | None = None,
+    ) -> None:
         self._policy = policy
         self._keys = keys
+        if verified is None and settings.verify_cache > 0:
+            verified = VerifiedTokens(settings.verify_cache)
+        self._verified = verified
         self._websocket = websocket
         self._algorithms = frozenset(a for a in settings.algorithms if a.lower() != "none")
         self._jws = jwt.PyJWS()  # instances, not pyjwt's module globals
@@ -243,6 +344,10 @@ class JwtAuthMiddleware:
 
     async def _verify(self, token: str) -> dict[str, Any]:
         """The verified claims, or a 401 Problem whatever went wrong (the one place errors are mapped)."""
+        if self._verified is not None and (hit := self._verified.get(token)) is not None:
+            with contextlib.suppress(*_TOKEN_ERRORS):  # a key that is gone now: verify in full, and fail there
+                if await self._keys.resolve(hit.algorithm, hit.kid) is hit.key:
+                    return hit.claims
         try:
             if len(token) > MAX_TOKEN_LENGTH:
                 raise _TokenTooLongError("token too long")
@@ -250,8 +355,9 @@ class JwtAuthMiddleware:
             algorithm = header.get("alg")
             if not isinstance(algorithm, str) or algorithm not in self._algorithms:
                 raise jwt.InvalidAlgorithmError("algorithm not allowed")
-            key = await self._keys.resolve(algorithm, header.get("kid"))
-            return self._decode(token, key)
+            kid = header.get("kid")
+            key = await self._keys.resolve(algorithm, kid)
+            claims = self._decode(token, key)
         except _TOKEN_ERRORS as exc:
             description = _describe(exc)
             raise Problem(
@@ -263,6 +369,9 @@ class JwtAuthMiddleware:
                     )
                 },
             ) from None
+        if self._verified is not None and (kid is None or isinstance(kid, str)):
+            self._verified.put(token, Verified(claims, algorithm, kid, key), self._leeway)
+        return claims
 
     def _decode(self, token: str, key: VerificationKey) -> dict[str, Any]:
         with _key_length_warning_muted() if key.weak else contextlib.nullcontext():

@@ -9,17 +9,19 @@ headers on a response that may be streamed (a proxied body, a cache hit, a probl
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 
 __all__ = (
+    "BODY_TAP",
     "CLAIMS",
     "CLIENT_IP",
     "OUTCOME",
     "REQUEST_ID",
+    "BodyTap",
     "Handler",
     "IPNetwork",
     "Middleware",
@@ -77,7 +79,25 @@ class Store(Protocol):
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None: ...
 
-    async def delete(self, *keys: str) -> None: ...
+    async def delete(self, *keys: str) -> int:
+        """Remove ``keys``; return how many of them existed."""
+        ...
+
+    async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` is absent (atomically); True when it was stored. A lock."""
+        ...
+
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        """``get`` of several keys in one round trip (on a Cluster, give them one hash tag)."""
+        ...
+
+    async def sadd(self, key: str, *members: str, ttl: float) -> None:
+        """Add ``members`` to the set at ``key`` and make the set live ``ttl`` seconds from now."""
+        ...
+
+    async def smembers(self, key: str) -> frozenset[str]:
+        """The members of the set at ``key`` (empty when absent)."""
+        ...
 
     async def incr(self, key: str) -> int:
         """Add one to an integer (0 when absent) and return it: generation counters for purges."""
@@ -90,10 +110,34 @@ class Store(Protocol):
     async def aclose(self) -> None: ...
 
 
+class BodyTap(Protocol):
+    """What the endpoint feeds with the response it relays (Kong's body_filter; STYLE 2.6): the
+    cache captures a miss while the client receives it, without buffering the client.
+
+    The endpoint calls ``start`` once with the upstream's status, reason and headers (hop-by-hop
+    removed, repeated ones kept, in order), ``feed`` with each body chunk as it is relayed, and
+    ``finish(complete)`` at the end: False when the body broke off. A tap that is never finished
+    saw an incomplete response (the client went away, or the upstream failed first).
+
+    ``detached`` is True when nobody is listening (a background refresh): the endpoint then
+    writes nothing to the client, reads the body only into the tap, and stops reading as soon as
+    ``start`` or ``feed`` returns False (the tap wants no more).
+    """
+
+    detached: bool
+
+    def start(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bool: ...
+
+    def feed(self, chunk: bytes) -> bool: ...
+
+    def finish(self, complete: bool) -> None: ...
+
+
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_IP = web.RequestKey("client_ip", str)  # the client's address, honouring trusted_proxies
 OUTCOME = web.RequestKey("outcome", Outcome)
 CLAIMS = web.RequestKey("claims", dict[str, Any])  # verified JWT claims, when a token was verified
+BODY_TAP = web.RequestKey("body_tap", BodyTap)  # set by the cache on a miss; fed by the endpoint
 _RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
 
 

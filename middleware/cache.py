@@ -1,19 +1,81 @@
-"""HTTP response cache (DESIGN §6): the ``cache:`` section.
+"""HTTP response cache (DESIGN §6, §9): the ``cache:`` section, its middleware, and purging.
 
-This module holds the section's schema; the middleware itself arrives with the cache
-issue.
+What a client sees on every response of a cached route:
+
+- ``X-Cache: HIT|MISS|BYPASS|STALE`` and the RFC 9211 ``Cache-Status`` saying why
+  (``gateway; hit; ttl=25``, ``gateway; fwd=miss; stored``, ``gateway; fwd=request; stored``
+  for a ``no-cache`` revalidation, ``gateway; fwd=bypass; detail=authorization``…), plus ``Age``
+  on anything served from the cache. ``request[OUTCOME].cache`` gets the X-Cache value.
+
+The rules:
+
+- GET and HEAD are looked up (HEAD is answered from the GET entry); only a GET fills the cache.
+  Statuses come from the config. Never stored: ``Cache-Control: no-store``, ``private`` or
+  ``no-cache`` responses, ``Set-Cookie``, ``Vary: *``, bodies over ``max_entry`` (also when that
+  only shows mid-stream: a miss is streamed to the client while a :class:`~middleware.base.BodyTap`
+  captures it, and stops capturing at the limit).
+- Fresh for ``s-maxage``, else ``max-age``, else the configured ttl (``Expires`` is not read).
+- Request ``Cache-Control: no-cache`` (or ``max-age=0``) goes upstream and stores the answer;
+  request ``no-store`` bypasses the cache both ways.
+- The key holds the URL (normalised path and raw query), the scheme and ``Host`` (and any
+  ``X-Forwarded-Host/Proto`` or ``Forwarded``: the upstream is told them), the values of the request headers the
+  URL's response named in ``Vary``, and, when a token was verified, its subject (unless
+  ``shared: true``). No other request header reaches the key or the upstream's answer to others:
+  a request whose ``Authorization`` was not verified (an ``auth: none`` route) is neither served
+  from nor stored in the cache unless ``shared: true`` (RFC 9111 §3.5).
+- A successful (2xx/3xx) POST, PUT, PATCH or DELETE bumps its path's generation: every cached
+  variant of that path (all queries, subjects and Vary values) is gone for every instance.
+- Concurrent misses on one key make one upstream request: in-process the others wait for the
+  first; across instances sharing a Redis, the first takes a short lock (``Store.add``) and the
+  others poll for its entry, bounded by ``lock_wait``, then go upstream themselves.
+- ``stale_while_revalidate``: a stale entry is served (STALE) while one background request
+  refreshes it. ``stale_if_error``: a stale entry is served instead of a 5xx, a refused
+  connection or a timeout.
+- The store being down never fails a request: the cache is bypassed (``detail=store-unavailable``).
+
+:func:`purge` removes entries by service, path prefix or ``Cache-Tag`` (for the admin API).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from ._cache_key import Entry, Keys, cache_control, freshness, tags_of, vary_of
+from .base import BODY_TAP, CLAIMS, OUTCOME, Handler, Outcome, Store, StoreUnavailable, add_response_headers
+from .problem import Problem
 from .schema import Section
 
-__all__ = ("DEFAULT_STATUSES", "SECTION", "CacheConfig")
+__all__ = ("DEFAULT_STATUSES", "SECTION", "CacheConfig", "CacheMiddleware", "purge", "request_target")
+
+logger = logging.getLogger(__name__)
 
 SECTION = "cache"
 DEFAULT_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 410})
+
+X_CACHE = "X-Cache"
+CACHE_STATUS = "Cache-Status"  # RFC 9211
+CACHE_TAG = "Cache-Tag"
+_NAME = "gateway"  # our name in Cache-Status
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Keyed always: the upstream learns the client's host and scheme from them (X-Forwarded-*),
+# so an answer that reflects them can only reach clients that sent the same.
+_KEYED = ("host", "x-forwarded-host", "x-forwarded-proto", "forwarded")
+_NEVER_STORED = ("no-store", "private", "no-cache")  # response Cache-Control directives
+_INDEX_TTL = 24 * 3600.0  # seconds the purge index outlives its latest entry, at least
+_POLL = 0.05  # seconds between two looks for the entry another instance is filling
+
+_Filled = tuple[Entry, str]  # an entry and its digest, for the misses that waited for it
+Target = Callable[[web.Request], tuple[str, str | None]]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,3 +108,445 @@ class CacheConfig:
         )
         section.done()
         return config
+
+
+def request_target(request: web.Request) -> tuple[str, str | None]:
+    """The request's path and raw query (None: no '?'); the gateway passes its normalised one."""
+    path, mark, query = request.raw_path.partition("?")
+    return path, query if mark else None
+
+
+@dataclass(slots=True)
+class _Lookup:
+    path: str
+    url: str
+    subject: str | None
+    generations: list[bytes | None]
+    varying: list[str]  # the header names the URL's response varies on, as last stored
+    digest: str
+    entry: Entry | None
+
+
+@dataclass(slots=True)
+class _Capture:
+    """The cache's :class:`~middleware.base.BodyTap`: keeps the response while it fits and may be stored."""
+
+    config: CacheConfig
+    request: web.Request | None  # None when detached: no client to tell what happened
+    detached: bool = False
+    status: int = 0
+    reason: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    storable: bool = False
+    complete: bool = False
+
+    def start(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bool:
+        self.status, self.reason, self.headers = status, reason, list(headers)
+        why = _not_storable(self.config, status, CIMultiDict(headers))
+        self.storable = why is None
+        if self.request is not None:
+            status_field = self.request.get(_FWD, "fwd=miss")
+            detail = "; stored" if why is None else f"; detail={why}"
+            add_response_headers(self.request, {CACHE_STATUS: f"{_NAME}; {status_field}{detail}"})
+        return self.storable
+
+    def feed(self, chunk: bytes) -> bool:
+        if self.storable:
+            self.size += len(chunk)
+            if self.size > self.config.max_entry:
+                self.storable = False
+                self.chunks.clear()
+            else:
+                self.chunks.append(chunk)
+        return self.storable
+
+    def finish(self, complete: bool) -> None:
+        self.complete = complete
+
+
+_FWD = web.RequestKey("cache_fwd", str)  # the Cache-Status fwd= of a request that goes upstream
+
+
+def _not_storable(config: CacheConfig, status: int, headers: CIMultiDict[str]) -> str | None:
+    """Why a response may not be stored (a Cache-Status detail), or None when it may."""
+    if status not in config.statuses:
+        return "status"
+    directives = cache_control(headers.getall(hdrs.CACHE_CONTROL, ()))
+    for name in _NEVER_STORED:
+        if name in directives:
+            return name
+    if hdrs.SET_COOKIE in headers:
+        return "set-cookie"
+    if vary_of(headers.getall(hdrs.VARY, ())) is None:
+        return "vary-star"
+    length = headers.get(hdrs.CONTENT_LENGTH, "")
+    if length.isdigit() and int(length) > config.max_entry:
+        return "too-large"
+    if freshness(directives, config.ttl) <= 0 and not (config.stale_while_revalidate or config.stale_if_error):
+        return "max-age-0"
+    return None
+
+
+@web.middleware
+class CacheMiddleware:
+    """Answer GET/HEAD from the store when it can; capture what the upstream says when it cannot.
+
+    ``scope`` is the service name (its entries are purged together). ``target`` gives the
+    request's normalised path below the service and raw query (the gateway passes its
+    routing's); ``clock`` is wall-clock time (Age must agree between instances);
+    ``lock_wait`` bounds how long a miss waits for the same miss on another instance.
+    """
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        *,
+        store: Store,
+        scope: str,
+        target: Target = request_target,
+        clock: Callable[[], float] = time.time,
+        lock_wait: float = 5.0,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._keys = Keys(scope)
+        self._target = target
+        self._clock = clock
+        self._lock_wait = lock_wait
+        self._stale = max(config.stale_while_revalidate, config.stale_if_error)
+        self._inflight: dict[str, asyncio.Future[_Filled | None]] = {}
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
+            return await self._unsafe(request, handler)
+        if hdrs.UPGRADE in request.headers:  # a WebSocket handshake is never an entry
+            return await handler(request)
+        claims = request.get(CLAIMS)
+        if hdrs.AUTHORIZATION in request.headers and claims is None and not self._config.shared:
+            return await self._bypass(request, handler, "authorization")
+        directives = cache_control(request.headers.getall(hdrs.CACHE_CONTROL, ()))
+        if "no-store" in directives:
+            return await self._bypass(request, handler, "no-store")
+        subject = None if self._config.shared or claims is None else _subject(claims)
+        try:
+            lookup = await self._lookup(request, subject)
+        except StoreUnavailable as exc:
+            logger.debug("cache store unavailable: %s", exc)
+            return await self._bypass(request, handler, "store-unavailable")
+        if "no-cache" in directives or directives.get("max-age") == "0":
+            request[_FWD] = "fwd=request"
+            return await self._fetch(request, handler, lookup)
+        entry = lookup.entry
+        if entry is not None:
+            age = entry.age_at(self._clock())
+            if age < entry.fresh:
+                return self._replay(request, entry, "HIT", f"hit; ttl={math.floor(entry.fresh - age)}")
+            late = age - entry.fresh
+            if late < self._config.stale_while_revalidate:
+                self._refresh(request, handler, lookup)
+                return self._replay(request, entry, "STALE", f"hit; ttl={-math.ceil(late)}; detail=revalidating")
+            if late < self._config.stale_if_error:
+                return await self._fetch_or_stale(request, handler, lookup, entry)
+            request[_FWD] = "fwd=stale"
+        return await self._miss(request, handler, lookup)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    async def _lookup(self, request: web.Request, subject: str | None) -> _Lookup:
+        path, query = self._target(request)
+        url = path if query is None else f"{path}?{query}"
+        keys = self._keys
+        service_gen, path_gen, vary = await self._store.get_many(
+            keys.generation, keys.path_generation(path), keys.vary(url)
+        )
+        varying = vary.decode().split(",") if vary else []
+        lookup = _Lookup(path, url, subject, [service_gen, path_gen], varying, "", None)
+        lookup.digest = self._digest(request, lookup, varying)
+        data = await self._store.get(keys.entry(lookup.digest))
+        lookup.entry = Entry.decode(data) if data is not None else None
+        return lookup
+
+    def _digest(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
+        values = [request.scheme] + [f"{name}:{', '.join(request.headers.getall(name, ()))}" for name in _KEYED]
+        values += [f"{name}:{', '.join(request.headers.getall(name, ()))}" for name in varying]
+        return Keys.digest(lookup.generations, lookup.url, lookup.subject, values)
+
+    # -- answers -------------------------------------------------------------------------
+
+    def _replay(self, request: web.Request, entry: Entry, result: str, status: str) -> web.Response:
+        age = math.floor(entry.age_at(self._clock()))
+        self._tell(request, result, status, {hdrs.AGE: str(age)})
+        return web.Response(
+            status=entry.status, reason=entry.reason or None, headers=CIMultiDict(entry.headers), body=entry.body
+        )
+
+    def _tell(self, request: web.Request, result: str, status: str, extra: dict[str, str] | None = None) -> None:
+        add_response_headers(request, {X_CACHE: result, CACHE_STATUS: f"{_NAME}; {status}", **(extra or {})})
+        request[OUTCOME].cache = result
+
+    async def _bypass(self, request: web.Request, handler: Handler, why: str) -> web.StreamResponse:
+        self._tell(request, "BYPASS", f"fwd=bypass; detail={why}")
+        return await handler(request)
+
+    async def _unsafe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Forward; a success invalidates every cached variant of the path."""
+        self._tell(request, "BYPASS", "fwd=bypass; detail=method")
+        response = await handler(request)
+        if request.method in _UNSAFE and 200 <= response.status < 400:
+            try:
+                await self._store.incr(self._keys.path_generation(self._target(request)[0]))
+            except StoreUnavailable as exc:
+                logger.warning("cache: could not invalidate %s: %s", self._target(request)[0], exc)
+        return response
+
+    # -- misses --------------------------------------------------------------------------
+
+    async def _miss(self, request: web.Request, handler: Handler, lookup: _Lookup) -> web.StreamResponse:
+        """One upstream request per key: later misses wait for the first one's entry."""
+        pending = self._inflight.get(lookup.digest)
+        if pending is not None:
+            entry = self._usable(request, lookup, await self._wait(pending))
+            if entry is not None:
+                return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
+            return await self._fetch(request, handler, lookup)
+        if request.method != hdrs.METH_GET:
+            return await self._fetch(request, handler, lookup)  # only a GET body can fill the entry
+        future: asyncio.Future[_Filled | None] = asyncio.get_running_loop().create_future()
+        self._inflight[lookup.digest] = future
+        lock = self._keys.lock(lookup.digest)
+        locked = False
+        try:
+            try:
+                locked = await self._store.add(lock, b"1", ttl=self._lock_wait)
+            except StoreUnavailable:
+                locked = True  # nobody else can see the store either
+            # Without the lock, another instance is filling the entry: wait for it. With it, look
+            # once more: a fill that ended while this miss was looking up released it after storing.
+            entry = await self._poll(request, lookup) if not locked else await self._recheck(request, lookup)
+            if entry is not None:
+                future.set_result(self._filled(request, lookup, entry))
+                return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
+            return await self._fetch(request, handler, lookup, future)
+        finally:
+            if not future.done():
+                future.set_result(None)
+            del self._inflight[lookup.digest]
+            if locked:
+                await self._quietly(self._store.delete(lock))
+
+    async def _wait(self, pending: asyncio.Future[_Filled | None]) -> _Filled | None:
+        try:
+            async with asyncio.timeout(self._lock_wait):
+                return await asyncio.shield(pending)
+        except TimeoutError:
+            return None
+
+    def _filled(self, request: web.Request, lookup: _Lookup, entry: Entry) -> _Filled:
+        """The entry a fill produced, with the key it has for the request that filled it."""
+        return entry, self._digest(request, lookup, _varying(entry))
+
+    def _usable(self, request: web.Request, lookup: _Lookup, filled: _Filled | None) -> Entry | None:
+        """The entry another request filled, if this request has the same key for it (the same
+        values of the headers it varies on, which the lookup may not have known) and it is fresh."""
+        if filled is None:
+            return None
+        entry, digest = filled
+        if digest != self._digest(request, lookup, _varying(entry)) or entry.age_at(self._clock()) >= entry.fresh:
+            return None
+        return entry
+
+    async def _recheck(self, request: web.Request, lookup: _Lookup) -> Entry | None:
+        try:
+            data = await self._store.get(self._keys.entry(lookup.digest))
+        except StoreUnavailable:
+            return None
+        entry = Entry.decode(data) if data is not None else None
+        return entry if entry is not None and entry.age_at(self._clock()) < entry.fresh else None
+
+    async def _poll(self, request: web.Request, lookup: _Lookup) -> Entry | None:
+        """Look for the entry another instance is filling, until its lock is gone or lock_wait."""
+        deadline = self._clock() + self._lock_wait
+        lock = self._keys.lock(lookup.digest)
+        while self._clock() < deadline:
+            await asyncio.sleep(_POLL)
+            try:
+                again = await self._lookup(request, lookup.subject)
+                if again.entry is not None:
+                    return again.entry
+                if await self._store.get(lock) is None:
+                    return None
+            except StoreUnavailable:
+                return None
+        return None
+
+    async def _fetch(
+        self,
+        request: web.Request,
+        handler: Handler,
+        lookup: _Lookup,
+        future: asyncio.Future[_Filled | None] | None = None,
+    ) -> web.StreamResponse:
+        """Go upstream; a GET response is captured while it streams, and stored if it may be."""
+        status_field = request.get(_FWD, "fwd=miss")
+        self._tell(request, "MISS", status_field)
+        if request.method != hdrs.METH_GET:
+            return await handler(request)
+        tap = _Capture(self._config, request)
+        request[BODY_TAP] = tap
+        response = await handler(request)
+        entry = await self._keep(request, lookup, tap)
+        if future is not None and not future.done():
+            future.set_result(None if entry is None else self._filled(request, lookup, entry))
+        return response
+
+    async def _fetch_or_stale(
+        self, request: web.Request, handler: Handler, lookup: _Lookup, stale: Entry
+    ) -> web.StreamResponse:
+        """stale_if_error: the upstream's answer, unless it fails; then the stale entry."""
+        request[_FWD] = "fwd=stale"
+        try:
+            response = await self._miss(request, handler, lookup)
+        except Problem as problem:
+            if problem.status not in (502, 503, 504):
+                raise
+            failed = problem.status
+        else:
+            if response.prepared or response.status < 500:
+                return response
+            failed = response.status
+        late = math.ceil(stale.age_at(self._clock()) - stale.fresh)
+        return self._replay(request, stale, "STALE", f"fwd=stale; fwd-status={failed}; ttl={-late}; detail=error")
+
+    async def _keep(self, request: web.Request, lookup: _Lookup, tap: _Capture) -> Entry | None:
+        """Store what the tap captured, if it was whole and may be stored; the entry, or None."""
+        if not (tap.storable and tap.complete):
+            return None
+        headers = CIMultiDict(tap.headers)
+        directives = cache_control(headers.getall(hdrs.CACHE_CONTROL, ()))
+        age = headers.get(hdrs.AGE, "")
+        entry = Entry(
+            status=tap.status,
+            reason=tap.reason,
+            headers=[(k, v) for k, v in tap.headers if k.lower() != "age"],
+            body=b"".join(tap.chunks),
+            stored=self._clock(),
+            age=float(age) if age.isdigit() else 0.0,
+            fresh=freshness(directives, self._config.ttl),
+            stale=self._stale,
+            tags=tuple(tags_of(headers.getall(CACHE_TAG, ()))),
+        )
+        ttl = entry.fresh + entry.stale - entry.age
+        if ttl <= 0:
+            return entry
+        varying = vary_of(headers.getall(hdrs.VARY, ())) or []
+        digest = lookup.digest if varying == lookup.varying else self._digest(request, lookup, varying)
+        keys = self._keys
+        try:
+            if varying != lookup.varying:
+                await self._store.set(keys.vary(lookup.url), ",".join(varying).encode(), ttl=max(ttl, _INDEX_TTL))
+            await self._store.set(keys.entry(digest), entry.encode(), ttl=ttl)
+            await self._store.sadd(keys.index, f"{digest} {lookup.path}", ttl=max(ttl, _INDEX_TTL))
+            for tag in entry.tags:
+                await self._store.sadd(keys.tag(tag), digest, ttl=max(ttl, _INDEX_TTL))
+        except StoreUnavailable as exc:
+            logger.debug("cache store unavailable while storing: %s", exc)
+        return entry
+
+    # -- stale-while-revalidate ------------------------------------------------------------
+
+    def _refresh(self, request: web.Request, handler: Handler, lookup: _Lookup) -> None:
+        """Refresh the entry in the background, once per key, with a copy of the request."""
+        if lookup.digest in self._refreshing:
+            return
+        self._refreshing.add(lookup.digest)
+        copy = request.clone(method=hdrs.METH_GET, remote=request.remote or "unknown")  # a HEAD refreshes too
+        outcome = request[OUTCOME]
+        copy[OUTCOME] = Outcome(service=outcome.service, route=outcome.route, sub=outcome.sub)
+        tap = _Capture(self._config, None, detached=True)
+        copy[BODY_TAP] = tap
+        task = asyncio.create_task(self._refresh_in_background(copy, handler, lookup, tap))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_in_background(self, copy: web.Request, handler: Handler, lookup: _Lookup, tap: _Capture) -> None:
+        lock = self._keys.lock(lookup.digest)
+        try:
+            if not await self._store.add(lock, b"1", ttl=self._lock_wait):
+                return  # another instance is refreshing it
+            try:
+                await handler(copy)
+                await self._keep(copy, lookup, tap)
+            finally:
+                await self._quietly(self._store.delete(lock))
+        except (Problem, StoreUnavailable) as exc:
+            logger.info("cache: background refresh of %s failed: %s", lookup.url, exc)
+        except Exception:
+            logger.exception("cache: background refresh of %s failed", lookup.url)
+        finally:
+            self._refreshing.discard(lookup.digest)
+
+    async def drain(self) -> None:
+        """Wait for the background refreshes under way (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _ttl(self, entry: Entry) -> int:
+        return math.floor(entry.fresh - entry.age_at(self._clock()))
+
+    @staticmethod
+    async def _quietly(call: Awaitable[object]) -> None:
+        try:
+            await call
+        except StoreUnavailable:
+            pass
+
+
+def _varying(entry: Entry) -> list[str]:
+    return vary_of(CIMultiDict(entry.headers).getall(hdrs.VARY, ())) or []
+
+
+def _subject(claims: dict[str, object]) -> str:
+    sub = claims.get("sub")
+    if sub is not None:
+        return str(sub)
+    # a verified token without a subject: its own claims (never another caller's entry)
+    return "claims:" + hashlib.sha256(json.dumps(claims, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def purge(store: Store, *, service: str, prefix: str | None = None, tag: str | None = None) -> int:
+    """Remove cached entries of ``service``: all of them, those whose path (below the service,
+    e.g. ``/users/1``) starts with ``prefix`` at a segment boundary, or those the upstream sent
+    with ``Cache-Tag: <tag>``. Give at most one of ``prefix`` and ``tag``.
+
+    Returns the number of stored entries removed: entries that had already expired, or whose
+    index record expired, are not counted (a service purge removes those too: it bumps the
+    service's generation, so nothing stored before it is served again on any instance).
+    Raises :class:`~middleware.base.StoreUnavailable` when the store cannot be reached.
+    """
+    if prefix is not None and tag is not None:
+        raise ValueError("purge by prefix or by tag, not both")
+    keys = Keys(service)
+    if tag is not None:
+        digests = await store.smembers(keys.tag(tag))
+        removed = await store.delete(*(keys.entry(d) for d in digests)) if digests else 0
+        await store.delete(keys.tag(tag))
+        return removed
+    records = await store.smembers(keys.index)
+    if prefix is None:
+        await store.incr(keys.generation)
+        removed = await store.delete(*(keys.entry(r.partition(" ")[0]) for r in records)) if records else 0
+        await store.delete(keys.index)
+        return removed
+    base = prefix.rstrip("/")
+    matching = [
+        digest
+        for digest, _, path in (record.partition(" ") for record in records)
+        if path == base or path.startswith(base + "/") or (prefix.endswith("/") and path.startswith(prefix))
+    ]
+    return await store.delete(*(keys.entry(d) for d in matching)) if matching else 0

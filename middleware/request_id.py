@@ -20,12 +20,15 @@ from aiohttp import web
 
 from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
 
-__all__ = ("REQUEST_ID_HEADER", "RequestIdMiddleware", "client_address", "is_trusted")
+__all__ = ("REQUEST_ID_HEADER", "Observer", "RequestIdMiddleware", "client_address", "is_trusted")
 
 access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+Observer = Callable[[web.Request, Outcome, int, float], None]
+"""Called once per finished request with its Outcome, status and duration in seconds (metrics)."""
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> str:
@@ -59,7 +62,10 @@ def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
 
 @web.middleware
 class RequestIdMiddleware:
-    """Outermost: id in and out, client address, and the one access-log line per request."""
+    """Outermost: id in and out, client address, and the one access-log line per request.
+
+    ``observe``, when given, sees every finished request too (the gateway counts metrics with it).
+    """
 
     def __init__(
         self,
@@ -67,10 +73,12 @@ class RequestIdMiddleware:
         trusted_proxies: Sequence[IPNetwork] = (),
         ids: Callable[[], str] = lambda: uuid.uuid4().hex,
         clock: Callable[[], float] = time.perf_counter,
+        observe: Observer | None = None,
     ) -> None:
         self._trusted = tuple(trusted_proxies)
         self._ids = ids
         self._clock = clock
+        self._observe = observe
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = self._clock()
@@ -91,7 +99,10 @@ class RequestIdMiddleware:
             outcome.error = outcome.error or type(exc).__name__
             raise
         finally:
-            self._log(request, outcome, status, self._clock() - started)
+            elapsed = self._clock() - started
+            self._log(request, outcome, status, elapsed)
+            if self._observe is not None:
+                self._observe(request, outcome, status, elapsed)
 
     @staticmethod
     def _log(request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:

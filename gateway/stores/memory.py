@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from gateway.stores.gcra import decide, interval_us
 from middleware.base import Quota
 
-__all__ = ("ENTRY_OVERHEAD", "MemoryStore")
+__all__ = ("ENTRY_OVERHEAD", "SET_MEMBER_OVERHEAD", "MemoryStore")
 
 ENTRY_OVERHEAD = 96  # bytes counted per entry on top of key and value: the map's own bookkeeping
+SET_MEMBER_OVERHEAD = 64  # bytes counted per set member on top of its length
 
 
 @dataclass(slots=True)
 class _Entry:
-    value: bytes
+    value: bytes  # b"" for a set
     expires: float  # clock() time after which the entry is gone; math.inf: never
     size: int
+    members: set[str] | None = None  # a set's members (sadd/smembers)
 
 
 class MemoryStore:
@@ -74,9 +76,48 @@ class MemoryStore:
         else:
             self._store(key, bytes(value), self._clock() + ttl)
 
-    async def delete(self, *keys: str) -> None:
+    async def delete(self, *keys: str) -> int:
+        now = self._clock()
+        found = 0
         for key in keys:
+            found += self._lookup(key, now) is not None
             self._remove(key)
+        return found
+
+    async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
+        now = self._clock()
+        if ttl <= 0 or self._lookup(key, now) is not None:
+            return False
+        self._store(key, bytes(value), now + ttl)
+        return key in self._entries
+
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        now = self._clock()
+        return [None if (entry := self._lookup(key, now)) is None else entry.value for key in keys]
+
+    async def sadd(self, key: str, *members: str, ttl: float) -> None:
+        """Each member counts its length plus :data:`SET_MEMBER_OVERHEAD` bytes against the bound."""
+        now = self._clock()
+        entry = self._lookup(key, now)
+        if entry is None or entry.members is None:
+            self._remove(key)
+            entry = _Entry(b"", now + ttl, len(key) + ENTRY_OVERHEAD, set())
+            self._entries[key] = entry
+            self._used += entry.size
+        current = entry.members if entry.members is not None else set()
+        for member in members:
+            if member not in current:
+                current.add(member)
+                entry.size += len(member) + SET_MEMBER_OVERHEAD
+                self._used += len(member) + SET_MEMBER_OVERHEAD
+        entry.expires = now + ttl
+        if entry.size > self.max_bytes:
+            self._remove(key)
+        self._evict()
+
+    async def smembers(self, key: str) -> frozenset[str]:
+        entry = self._lookup(key, self._clock())
+        return frozenset() if entry is None or entry.members is None else frozenset(entry.members)
 
     async def incr(self, key: str) -> int:
         entry = self._lookup(key, self._clock())
@@ -108,6 +149,9 @@ class MemoryStore:
             return
         self._entries[key] = _Entry(value, expires, size)
         self._used += size
+        self._evict()
+
+    def _evict(self) -> None:
         while self._used > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._used -= evicted.size

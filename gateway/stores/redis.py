@@ -109,9 +109,48 @@ class RedisStore:
         px = max(1, -(-round(ttl * 1_000_000) // 1000))
         await self._edge("set", lambda client: client.set(self.key(key), value, px=px))
 
-    async def delete(self, *keys: str) -> None:
-        if keys:  # a Cluster client splits the DEL by slot
-            await self._edge("delete", lambda client: client.delete(*(self.key(key) for key in keys)))
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        # a Cluster client splits the DEL by slot
+        found: int = await self._edge("delete", lambda client: client.delete(*(self.key(key) for key in keys)))
+        return found
+
+    async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """``SET NX PX``: stored only when absent."""
+        if ttl <= 0:
+            return False
+        px = max(1, -(-round(ttl * 1_000_000) // 1000))
+        stored = await self._edge("add", lambda client: client.set(self.key(key), value, px=px, nx=True))
+        return bool(stored)
+
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        if not keys:
+            return []
+        names = [self.key(key) for key in keys]
+        if self._detach:  # one MGET per slot; one round trip when the keys share a hash tag
+            values = await self._edge("get_many", lambda client: client.mget_nonatomic(names))  # type: ignore[union-attr]
+        else:
+            values = await self._edge("get_many", lambda client: client.mget(names))
+        return cast("list[bytes | None]", values)
+
+    async def sadd(self, key: str, *members: str, ttl: float) -> None:
+        """``SADD`` then ``PEXPIRE``, in one pipelined round trip."""
+        if not members:
+            return
+        name, px = self.key(key), max(1, -(-round(ttl * 1_000_000) // 1000))
+
+        async def command(client: Client) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.sadd(name, *members)
+                pipe.pexpire(name, px)
+                await pipe.execute()
+
+        await self._edge("sadd", command)
+
+    async def smembers(self, key: str) -> frozenset[str]:
+        values = await self._edge("smembers", lambda client: client.smembers(self.key(key)))
+        return frozenset(value.decode() if isinstance(value, bytes) else value for value in values)
 
     async def incr(self, key: str) -> int:
         count: int = await self._edge("incr", lambda client: client.incr(self.key(key)))

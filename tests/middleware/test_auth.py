@@ -31,10 +31,13 @@ from middleware.auth import (
     JwtAuthMiddleware,
     JwtSettings,
     KeySource,
+    Verified,
+    VerifiedTokens,
     claim_header_names,
     claim_headers,
 )
 from middleware.base import CLAIMS, OUTCOME, Handler
+from middleware.jwks import VerificationKey
 from middleware.problem import ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
 from middleware.schema import ConfigError, Section
@@ -782,6 +785,170 @@ async def test_jwk_alg_restricts_what_the_key_verifies(
     assert (await client.get("/", headers=rs256(rsa_key, "k1"))).status == 401
     token = sign(claims(), key=rsa_key, algorithm="PS256", kid="k1")
     assert (await client.get("/", headers=bearer(token))).status == 200
+
+
+# -- the verified-token cache -----------------------------------------------------------------------------------
+
+
+class Decodes:
+    """Counts signature checks (pyjwt decodes): one per full verification, none for a cache hit."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = jwt.PyJWT.decode
+
+        def counting(pyjwt: jwt.PyJWT, *args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return original(pyjwt, *args, **kwargs)
+
+        monkeypatch.setattr(jwt.PyJWT, "decode", counting)
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Decodes:
+    return Decodes(monkeypatch)
+
+
+HS_KEY = VerificationKey(SECRET.encode(), ("HS256",))
+
+
+def verified(**token_claims: Any) -> Verified:
+    return Verified(token_claims, "HS256", None, HS_KEY)
+
+
+def cached_claims(cache: VerifiedTokens, token: str) -> dict[str, Any] | None:
+    hit = cache.get(token)
+    return None if hit is None else hit.claims
+
+
+def test_cache_hit_returns_the_same_claims_as_a_copy() -> None:
+    cache = VerifiedTokens(8, clock=FakeClock())
+    cache.put("t1", verified(sub="alice", exp=2000), leeway=0.0)
+    hit = cache.get("t1")
+    assert hit == verified(sub="alice", exp=2000)
+    assert hit is not None
+    hit.claims["sub"] = "mallory"  # a request changing its copy does not change what the next one gets
+    assert cached_claims(cache, "t1") == {"sub": "alice", "exp": 2000}
+    assert cache.get("t2") is None
+
+
+@pytest.mark.parametrize("leeway", [0.0, 30.0])
+def test_cache_entry_is_not_used_from_exp_plus_leeway(leeway: float) -> None:
+    clock = FakeClock()  # 1000
+    cache = VerifiedTokens(8, clock=clock)
+    cache.put("t", verified(sub="alice", exp=1010), leeway=leeway)
+    clock.now = 1010 + leeway - 0.001
+    assert cache.get("t") is not None
+    clock.now = 1010 + leeway  # pyjwt: expired once exp <= now - leeway
+    assert cache.get("t") is None
+    assert len(cache) == 0
+
+
+def test_cache_does_not_store_a_token_already_past_exp() -> None:
+    cache = VerifiedTokens(8, clock=FakeClock())
+    cache.put("t", verified(sub="alice", exp=990), leeway=5.0)  # verified within leeway a moment ago, expired now
+    assert cache.get("t") is None
+
+
+def test_cache_respects_nbf_and_iat_with_leeway() -> None:
+    clock = FakeClock()
+    cache = VerifiedTokens(8, clock=clock)
+    cache.put("t", verified(sub="alice", nbf=1010, iat=1005, exp=2000), leeway=20.0)  # valid from 990
+    assert cache.get("t") is not None
+    clock.now = 989.0  # the wall clock stepped back before nbf - leeway
+    assert cache.get("t") is None
+    cache.put("early", verified(sub="alice", nbf=1100), leeway=0.0)  # not valid yet: never stored
+    clock.now = 1000.0
+    assert cache.get("early") is None
+
+
+def test_cache_entry_lives_at_most_max_age() -> None:
+    clock = FakeClock()
+    cache = VerifiedTokens(8, max_age=60.0, clock=clock)
+    cache.put("no-exp", verified(sub="alice"), leeway=0.0)
+    clock.now = 1059.9
+    assert cache.get("no-exp") is not None
+    clock.now = 1060.0
+    assert cache.get("no-exp") is None
+
+
+def test_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
+    cache = VerifiedTokens(3, clock=FakeClock())
+    for name in ("a", "b", "c"):
+        cache.put(name, verified(sub=name), leeway=0.0)
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.put("d", verified(sub="d"), leeway=0.0)
+    cache.put("e", verified(sub="e"), leeway=0.0)
+    assert len(cache) == 3
+    assert [name for name in "abcde" if cache.get(name) is not None] == ["a", "d", "e"]
+
+
+def test_cache_skips_very_long_tokens() -> None:
+    cache = VerifiedTokens(8, clock=FakeClock())
+    cache.put("x" * 5000, verified(sub="alice"), leeway=0.0)
+    assert len(cache) == 0
+
+
+async def test_repeated_token_is_verified_once(auth_client: AuthClient, decodes: Decodes) -> None:
+    client = await auth_client()
+    token = sign(claims(tenant="acme"))
+    for _ in range(3):
+        response = await client.get("/", headers=bearer(token))
+        assert response.status == 200
+        assert (await response.json())["claims"]["tenant"] == "acme"
+    assert decodes.count == 1
+
+
+async def test_cache_off_verifies_every_time(auth_client: AuthClient, decodes: Decodes) -> None:
+    client = await auth_client(hs_settings(verify_cache=0))
+    token = sign(claims())
+    for _ in range(3):
+        assert (await client.get("/", headers=bearer(token))).status == 200
+    assert decodes.count == 3
+
+
+async def test_cached_token_is_refused_once_its_key_leaves_the_jwks(
+    auth_client: AuthClient, jwks: Jwks, clock: FakeClock, rsa_key: rsa.RSAPrivateKey, rsa_key2: rsa.RSAPrivateKey
+) -> None:
+    keys = await jwks.keys()
+    client = await auth_client(jwks.settings(), keys=keys)
+    token = rs256(rsa_key, "k1")
+    assert (await client.get("/", headers=token)).status == 200  # verified and cached
+    jwks.backend.keys = [public_jwk(rsa_key2, "k2")]  # k1 rotated out
+    clock.now += 1000  # the JWKS is stale: this request refreshes it
+    await client.get("/", headers=token)
+    for _ in range(100):
+        if jwks.backend.fetches == 2:
+            break
+        await asyncio.sleep(0.01)
+    response = await client.get("/", headers=token)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == invalid("the token is signed with an unknown key")
+
+
+async def test_cached_token_still_needs_the_route_scopes(auth_client: AuthClient) -> None:
+    client = await auth_client(auth=policy(AuthMode.REQUIRED, "users:write"))
+    token = sign(claims(scope="users:read"))
+    assert (await client.get("/", headers=bearer(token))).status == 403
+    assert (await client.get("/", headers=bearer(token))).status == 403
+
+
+async def test_expired_token_is_not_served_from_the_cache(auth_client: AuthClient) -> None:
+    client = await auth_client()
+    exp = int(time.time()) + 1
+    token = sign(claims(exp=exp))
+    assert (await client.get("/", headers=bearer(token))).status == 200  # verified and cached
+    await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)
+    response = await client.get("/", headers=bearer(token))
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == invalid("the token has expired")
+
+
+def test_verify_cache_setting() -> None:
+    assert JwtSettings.parse(Section.single("jwt", {"secret": "s"})).verify_cache == 1024
+    assert JwtSettings.parse(Section.single("jwt", {"secret": "s", "verify_cache": 0})).verify_cache == 0
+    with pytest.raises(ConfigError, match=re.escape("jwt.verify_cache: must be >= 0")):
+        JwtSettings.parse(Section.single("jwt", {"secret": "s", "verify_cache": -1}))
 
 
 # -- claim headers for the upstream ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.stores.memory import ENTRY_OVERHEAD, MemoryStore
+from gateway.stores.memory import ENTRY_OVERHEAD, SET_MEMBER_OVERHEAD, MemoryStore
 from tests.stores.conftest import FakeClock
 
 VALUE = b"0123456789"
@@ -81,3 +81,15 @@ async def test_aclose_empties() -> None:
 def test_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         MemoryStore(0)
+
+
+async def test_sets_count_against_the_bound() -> None:
+    store = MemoryStore(2000)
+    await store.sadd("index", *(f"member-{i:03d}" for i in range(10)), ttl=60)
+    used = store.used_bytes
+    assert used == len("index") + ENTRY_OVERHEAD + 10 * (10 + SET_MEMBER_OVERHEAD)
+    await store.sadd("index", "member-000", ttl=60)  # already there: nothing more
+    assert store.used_bytes == used
+    await store.sadd("index", *(f"member-{i:03d}" for i in range(10, 40)), ttl=60)  # over the bound
+    assert await store.smembers("index") == frozenset()
+    assert store.used_bytes == 0

@@ -44,6 +44,47 @@ async def test_delete(store: Store) -> None:
     assert [await store.get(key) for key in keys] == [None] * 9 + [b"v"]
 
 
+async def test_delete_counts_what_existed(store: Store) -> None:
+    await store.set("c:{s}:a", b"1", ttl=60)
+    await store.set("c:{s}:b", b"1", ttl=60)
+    assert await store.delete("c:{s}:a", "c:{s}:b", "c:{s}:missing") == 2
+    assert await store.delete() == 0
+
+
+async def test_add_only_when_absent(store: Store, advance: Advance) -> None:
+    assert await store.add("lock", b"me", ttl=0.1)
+    assert not await store.add("lock", b"you", ttl=0.1)
+    assert await store.get("lock") == b"me"
+    await advance(0.15)
+    assert await store.add("lock", b"you", ttl=60)
+    assert await store.get("lock") == b"you"
+
+
+async def test_concurrent_add_has_one_winner(store: Store) -> None:
+    won = await asyncio.gather(*(store.add("lock", b"%d" % i, ttl=60) for i in range(20)))
+    assert sum(won) == 1
+
+
+async def test_get_many(store: Store) -> None:
+    await store.set("c:{s}:a", b"1", ttl=60)
+    await store.set("c:{s}:c", b"\x003", ttl=60)
+    assert await store.get_many("c:{s}:a", "c:{s}:b", "c:{s}:c") == [b"1", None, b"\x003"]
+    assert await store.get_many("x", "y") == [None, None]  # different slots on a Cluster
+    assert await store.get_many() == []
+
+
+async def test_sets(store: Store, advance: Advance) -> None:
+    assert await store.smembers("c:{s}:t") == frozenset()
+    await store.sadd("c:{s}:t", "a", "b", ttl=60)
+    await store.sadd("c:{s}:t", "b", "c d", ttl=0.1)  # the ttl is renewed by every add
+    assert await store.smembers("c:{s}:t") == {"a", "b", "c d"}
+    await advance(0.15)
+    assert await store.smembers("c:{s}:t") == frozenset()
+    await store.sadd("c:{s}:t", "x", ttl=60)
+    assert await store.delete("c:{s}:t") == 1
+    assert await store.smembers("c:{s}:t") == frozenset()
+
+
 async def test_incr(store: Store) -> None:
     assert [await store.incr("gen") for _ in range(3)] == [1, 2, 3]
     assert await store.get("gen") == b"3"

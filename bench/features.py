@@ -1,0 +1,180 @@
+"""The gateway with one feature on: JWT verification (issue 3.7) and rate limiting (issue 4.7).
+
+Each target is the plain-proxy gateway of ``servers.start_gateway`` with one section
+added, so its cost is read against the ``gateway`` row of the same run:
+
+* ``gateway-jwt-hs256`` / ``gateway-jwt-rs256``: ``auth: required`` with an HS256 secret,
+  or an RS256 public key (a PEM file generated here); wrk sends a token valid for a day.
+  ``gateway-jwt-rs256-nocache`` is RS256 with ``verify_cache: 0``: the same token checked
+  in full on every request (the cost before the verified-token cache).
+* ``gateway-rl-memory`` / ``gateway-rl-redis``: ``rate_limit: {requests: 1000000000,
+  per: 1s}``, which never rejects, on ``memory://`` or on a ``redis-server`` started here
+  (pinned to the load CPU like the backend, its CPU time counted as ours). The store's
+  ``on_error`` is ``deny``: a store that fails under load shows as wrk errors, not as a
+  fast row that skipped the limit.
+
+JWT tokens are minted with pyjwt and the RSA key made with cryptography (both are the
+gateway's own dependencies), so run this with the venv's python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from servers import (
+    BENCH_DIR,
+    GATEWAY_PATH,
+    LOAD_CPU,
+    READY_TIMEOUT,
+    SERVER_CPU,
+    BenchError,
+    Server,
+    StartFn,
+    Target,
+    free_port,
+    payload,
+    plain_routes,
+    start,
+    start_gateway_with,
+    wait_ready,
+)
+
+TOKEN_TTL = 86400  # seconds: far beyond any run
+SUBJECT = "bench-user"
+RATE_LIMIT = "rate_limit: {requests: 1000000000, per: 1s, key: ip}"  # never rejects
+RATE_LIMIT_HEADER = "X-RateLimit-Limit"  # proof that the limit ran, checked before measuring
+
+
+def _token(key: object, algorithm: str) -> str:
+    import jwt
+
+    now = int(time.time())
+    claims = {"sub": SUBJECT, "scope": "bench", "iat": now, "exp": now + TOKEN_TTL}
+    return jwt.encode(claims, key, algorithm=algorithm)  # type: ignore[arg-type]
+
+
+def _jwt_target(name: str, jwt_section: str, token: str, port: int, backend: int, work: Path,
+                stack: contextlib.ExitStack) -> Target:  # fmt: skip
+    routes = plain_routes(port, backend, defaults="auth: required, rate_limit: off, cache: off")
+    server = start_gateway_with(name, f"{routes}jwt: {jwt_section}\n", port, work, stack)
+    return Target(name, f"http://127.0.0.1:{port}{GATEWAY_PATH}", server, headers=(f"Authorization: Bearer {token}",))
+
+
+def start_gateway_jwt_hs256(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    secret = secrets.token_hex(32)  # 64 characters: over pyjwt's minimum HMAC key length
+    section = f"{{algorithms: [HS256], secret: {secret}}}"
+    return _jwt_target("gateway-jwt-hs256", section, _token(secret.encode(), "HS256"), port, backend, work, stack)
+
+
+def _rs256(name: str, extra: str, port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = work / f"{name}.pub.pem"
+    pem.write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    section = f"{{algorithms: [RS256], public_key: {pem}{extra}}}"
+    return _jwt_target(name, section, _token(private, "RS256"), port, backend, work, stack)
+
+
+def start_gateway_jwt_rs256(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    return _rs256("gateway-jwt-rs256", "", port, backend, work, stack)
+
+
+def start_gateway_jwt_rs256_nocache(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """RS256 with the verified-token cache off: every request parses and checks the signature."""
+    return _rs256("gateway-jwt-rs256-nocache", ", verify_cache: 0", port, backend, work, stack)
+
+
+# --- rate limit ----------------------------------------------------------------------------
+
+
+def redis_command(argv: list[str], port: int) -> bytes:
+    """Send one RESP command and return the first reply line (enough for PING and DBSIZE)."""
+    request = f"*{len(argv)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in argv)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(request.encode())
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.strip()
+
+
+def start_redis(port: int, work: Path, stack: contextlib.ExitStack) -> Server:
+    """A throwaway redis-server: no persistence, pinned like the backend, answering PING."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("no redis-server: run `bash bench/setup.sh` first")
+    data = work / "redis"
+    data.mkdir(exist_ok=True)
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+            "--dir", str(data), "--protected-mode", "no"]  # fmt: skip
+    server = start("redis", argv, LOAD_CPU, work, stack)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise BenchError(f"redis-server exited with {server.proc.returncode}; log:\n{server.log_tail()}")
+        with contextlib.suppress(OSError):
+            if redis_command(["PING"], port) == b"+PONG":
+                return server
+        time.sleep(0.05)
+    raise BenchError(f"redis-server not answering PING on port {port}; log:\n{server.log_tail()}")
+
+
+def _rate_limited_target(name: str, store: str, port: int, backend: int, work: Path,
+                         stack: contextlib.ExitStack, helpers: tuple[Server, ...] = ()) -> Target:  # fmt: skip
+    routes = plain_routes(port, backend, defaults=f"auth: none, {RATE_LIMIT}, cache: off")
+    server = start_gateway_with(name, f"{routes}store: {{url: '{store}', on_error: deny}}\n", port, work, stack)
+    target = Target(name, f"http://127.0.0.1:{port}{GATEWAY_PATH}", server, helpers=helpers)
+    wait_ready(server, target.url, payload(), must_have=(RATE_LIMIT_HEADER,))
+    return target
+
+
+def start_gateway_rl_memory(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    return _rate_limited_target("gateway-rl-memory", "memory://", port, backend, work, stack)
+
+
+def start_gateway_rl_redis(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    redis_port = free_port()
+    redis = start_redis(redis_port, work, stack)
+    target = _rate_limited_target(
+        "gateway-rl-redis", f"redis://127.0.0.1:{redis_port}/0", port, backend, work, stack, (redis,)
+    )
+    keys = redis_command(["DBSIZE"], redis_port)
+    if keys in (b":0", b""):
+        raise BenchError(f"gateway-rl-redis answered, but Redis holds no rate-limit key (DBSIZE {keys!r})")
+    return target
+
+
+def jwt_verify_costs() -> dict[str, float]:
+    """``jwt_verify.py`` pinned to the server CPU: µs per middleware call, cache off and on."""
+    done = subprocess.run(
+        ["taskset", "-c", SERVER_CPU, sys.executable, str(BENCH_DIR / "jwt_verify.py")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"jwt_verify.py failed ({done.returncode}): {done.stderr or done.stdout}")
+    costs: dict[str, float] = json.loads(done.stdout)
+    return costs
+
+
+STARTERS: dict[str, StartFn] = {
+    "gateway-jwt-hs256": start_gateway_jwt_hs256,
+    "gateway-jwt-rs256-nocache": start_gateway_jwt_rs256_nocache,
+    "gateway-jwt-rs256": start_gateway_jwt_rs256,
+    "gateway-rl-memory": start_gateway_rl_memory,
+    "gateway-rl-redis": start_gateway_rl_redis,
+}

@@ -1,0 +1,170 @@
+"""The data side of the response cache (DESIGN §6): store keys, Cache-Control, and entries.
+
+Every key of one service starts with ``c:{<service>}:`` so that, on a Redis Cluster, a
+service's entries, generations, locks and purge indexes share one slot:
+
+- ``c:{s}:g``           the service generation (a service purge bumps it);
+- ``c:{s}:p:<h(path)>`` the path generation (a successful POST/PUT/PATCH/DELETE bumps it);
+- ``c:{s}:v:<h(url)>``  the request headers the URL's response varies on (``accept,accept-language``);
+- ``c:{s}:e:<h>``       an entry, where ``h`` hashes both generations, the URL, the subject
+  (unless shared) and the values of the varying request headers;
+- ``c:{s}:l:<h>``       the fill lock of entry ``h`` (coalescing across instances);
+- ``c:{s}:i``           the purge index: ``"<h> <path>"`` for every stored entry;
+- ``c:{s}:t:<tag>``     the entries stored with ``Cache-Tag: <tag>``.
+
+An entry is ``MAGIC``, a 4-byte length, JSON metadata (status, reason, headers in order with
+repeats, when it was stored, how long it is fresh and may be served stale, its tags) and
+the body as it came.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ("Entry", "Keys", "cache_control", "freshness", "tags_of", "vary_of")
+
+MAGIC = b"GWC1"
+_LENGTH = struct.Struct(">I")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The store keys of one service's cache."""
+
+    service: str
+
+    @property
+    def prefix(self) -> str:
+        return f"c:{{{self.service}}}:"
+
+    @property
+    def generation(self) -> str:
+        return self.prefix + "g"
+
+    @property
+    def index(self) -> str:
+        return self.prefix + "i"
+
+    def path_generation(self, path: str) -> str:
+        return self.prefix + "p:" + _digest(path)
+
+    def vary(self, url: str) -> str:
+        return self.prefix + "v:" + _digest(url)
+
+    def entry(self, digest: str) -> str:
+        return self.prefix + "e:" + digest
+
+    def lock(self, digest: str) -> str:
+        return self.prefix + "l:" + digest
+
+    def tag(self, tag: str) -> str:
+        return self.prefix + "t:" + _digest(tag)
+
+    @staticmethod
+    def digest(generations: Sequence[bytes | None], url: str, subject: str | None, varying: Sequence[str]) -> str:
+        gens = [(g or b"0").decode() for g in generations]
+        return _digest(*gens, url, "" if subject is None else "sub:" + subject, json.dumps(varying))
+
+
+def cache_control(values: Iterable[str]) -> dict[str, str]:
+    """``Cache-Control`` directives by lowercased name (value '' when it has none)."""
+    directives: dict[str, str] = {}
+    for value in values:
+        for item in value.split(","):
+            name, _, arg = item.strip().partition("=")
+            if name:
+                directives.setdefault(name.strip().lower(), arg.strip().strip('"'))
+    return directives
+
+
+def _seconds(value: str) -> float | None:
+    try:
+        return max(0.0, float(int(value)))
+    except ValueError:
+        return None
+
+
+def freshness(directives: dict[str, str], default: float) -> float:
+    """Seconds a response is fresh: ``s-maxage``, then ``max-age``, then the configured ttl."""
+    for name in ("s-maxage", "max-age"):
+        if name in directives:
+            seconds = _seconds(directives[name])
+            if seconds is not None:
+                return seconds
+    return default
+
+
+def vary_of(values: Iterable[str]) -> list[str] | None:
+    """The lowercased header names a response varies on, sorted; None for ``Vary: *``."""
+    names = {name.strip().lower() for value in values for name in value.split(",") if name.strip()}
+    return None if "*" in names else sorted(names)
+
+
+def tags_of(values: Iterable[str]) -> list[str]:
+    """The tags in ``Cache-Tag`` header values (comma or space separated)."""
+    tags = {tag for value in values for tag in value.replace(",", " ").split() if tag.isprintable()}
+    return sorted(tags)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored response."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]  # as the upstream sent them, less hop-by-hop and Age
+    body: bytes
+    stored: float  # wall-clock time it was stored (instances sharing a Redis agree on it)
+    age: float  # the upstream's Age when it was received
+    fresh: float  # seconds of freshness from when the upstream produced it
+    stale: float  # seconds after that during which it may still be served stale
+    tags: tuple[str, ...] = ()
+
+    def age_at(self, now: float) -> float:
+        return max(0.0, now - self.stored) + self.age
+
+    def encode(self) -> bytes:
+        meta = json.dumps(
+            {
+                "s": self.status,
+                "r": self.reason,
+                "h": self.headers,
+                "t": self.stored,
+                "a": self.age,
+                "f": self.fresh,
+                "x": self.stale,
+                "g": list(self.tags),
+            },
+            separators=(",", ":"),
+        ).encode()
+        return MAGIC + _LENGTH.pack(len(meta)) + meta + self.body
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry | None:
+        """The entry in ``data``; None when it is not one (another version, a damaged value)."""
+        if not data.startswith(MAGIC) or len(data) < 8:
+            return None
+        (length,) = _LENGTH.unpack_from(data, 4)
+        try:
+            meta = json.loads(data[8 : 8 + length])
+            return cls(
+                status=int(meta["s"]),
+                reason=str(meta["r"]),
+                headers=[(str(k), str(v)) for k, v in meta["h"]],
+                body=data[8 + length :],
+                stored=float(meta["t"]),
+                age=float(meta["a"]),
+                fresh=float(meta["f"]),
+                stale=float(meta["x"]),
+                tags=tuple(meta["g"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None

@@ -1,0 +1,135 @@
+"""gateway.metrics: the §8 series counted from real requests through a real gateway app."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import ROUTES
+from gateway.metrics import METRICS, Metrics, quantile
+from tests.conftest import MakeGateway, upstream
+
+YAML = """
+defaults: {{auth: none}}
+services:
+  svc:
+    upstreams: ["{upstream}"]
+    rate_limit: {{requests: 2, per: 1m}}
+  dead:
+    upstreams: ["http://127.0.0.1:1"]
+    retries: 0
+    circuit_breaker: {{failures: 1, cooldown: 1m}}
+"""
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the exposition, parsed back by prometheus-client's own parser."""
+    text = metrics.exposition().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_requests_statuses_durations_and_429s_are_counted(make_gateway: MakeGateway, backend: TestServer) -> None:
+    gateway = await make_gateway(YAML, upstream=upstream(backend))
+    for _ in range(3):
+        await gateway.get("/api/svc/echo/x")
+    await gateway.get("/api/nowhere/x")
+    seen = samples(gateway.app[METRICS])
+    requests = "gateway_requests_total"
+    assert seen[(requests, frozenset({("service", "svc"), ("method", "GET"), ("status", "200")}))] == 2
+    assert seen[(requests, frozenset({("service", "svc"), ("method", "GET"), ("status", "429")}))] == 1
+    assert seen[(requests, frozenset({("service", "-"), ("method", "GET"), ("status", "404")}))] == 1
+    assert seen[("gateway_ratelimit_rejected_total", frozenset({("service", "svc")}))] == 1
+    assert seen[("gateway_request_duration_seconds_count", frozenset({("service", "svc")}))] == 3
+    assert seen[("gateway_websocket_connections", frozenset())] == 0
+
+
+async def test_upstream_errors_and_health_follow_the_circuit_breaker(
+    make_gateway: MakeGateway, backend: TestServer
+) -> None:
+    gateway = await make_gateway(YAML, upstream=upstream(backend))
+    dead = ("service", "dead"), ("upstream", "http://127.0.0.1:1")
+    assert samples(gateway.app[METRICS])[("gateway_upstream_healthy", frozenset(dead))] == 1
+    assert (await gateway.get("/api/dead/x")).status == 502
+    assert (await gateway.get("/api/dead/x")).status == 503  # breaker open after one failure
+    seen = samples(gateway.app[METRICS])
+    assert seen[("gateway_upstream_errors_total", frozenset({("service", "dead")}))] == 2
+    assert seen[("gateway_upstream_healthy", frozenset(dead))] == 0
+    live = ("service", "svc"), ("upstream", upstream(backend))
+    assert seen[("gateway_upstream_healthy", frozenset(live))] == 1
+
+
+async def test_health_series_of_removed_upstreams_disappear(make_gateway: MakeGateway, backend: TestServer) -> None:
+    gateway = await make_gateway(YAML, upstream=upstream(backend))
+    metrics = gateway.app[METRICS]
+    metrics.refresh()
+    gateway.app[ROUTES].pools.pop("dead")
+    assert not any(labels and ("service", "dead") in labels for _, labels in samples(metrics))
+
+
+def test_each_app_has_its_own_registry() -> None:
+    one, two = Metrics(), Metrics()  # a global registry would refuse the second set of names
+    one.reloads.labels(result="success").inc()
+    assert two.snapshot().total("gateway_config_reloads_total") == 0
+    assert one.snapshot().total("gateway_config_reloads_total", result="success") == 1
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        pytest.param(0.5, {0.1: 0, 0.2: 10, float("inf"): 10}, 0.15, id="interpolated inside a bucket"),
+        pytest.param(0.99, {0.1: 99, 1.0: 100, float("inf"): 100}, 0.1, id="rank on a bucket edge"),
+        pytest.param(0.99, {0.1: 0, float("inf"): 5}, 0.1, id="in the +Inf bucket: its lower bound"),
+        pytest.param(0.5, {0.1: 0, float("inf"): 0}, None, id="no observations"),
+    ],
+)
+def test_quantile_matches_histogram_quantile(q: float, buckets: dict[float, float], expected: float | None) -> None:
+    assert quantile(q, buckets) == pytest.approx(expected) if expected is not None else quantile(q, buckets) is None
+
+
+async def test_cache_results_are_counted(make_gateway: MakeGateway, backend: TestServer) -> None:
+    gateway = await make_gateway(
+        'defaults: {{auth: none}}\nservices:\n  c:\n    upstreams: ["{upstream}"]\n    cache: {{ttl: 1m}}\n',
+        upstream=upstream(backend),
+    )
+    for _ in range(3):
+        await gateway.get("/api/c/echo/x")
+    snapshot = gateway.app[METRICS].snapshot()
+    assert snapshot.by("gateway_cache_total", "result") == {"miss": 1.0, "hit": 2.0}
+
+
+async def _echo_socket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        await ws.send_str(message.data)
+    return ws
+
+
+async def test_open_websockets_are_a_gauge(make_gateway: MakeGateway, aiohttp_server: Any) -> None:
+    app = web.Application()
+    app.router.add_get("/ws", _echo_socket)
+    server = await aiohttp_server(app)
+    text = 'defaults: {{auth: none}}\nservices:\n  chat: {{upstreams: ["{upstream}"], websocket: true}}\n'
+    gateway = await make_gateway(text, upstream=upstream(server))
+    metrics = gateway.app[METRICS]
+    first, second = await gateway.ws_connect("/api/chat/ws"), await gateway.ws_connect("/api/chat/ws")
+    for ws in (first, second):
+        await ws.send_str("hi")
+        assert (await ws.receive_str()) == "hi"
+    assert metrics.snapshot().total("gateway_websocket_connections") == 2
+    await first.close()
+    for _ in range(100):
+        if metrics.snapshot().total("gateway_websocket_connections") == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert metrics.snapshot().total("gateway_websocket_connections") == 1
+    await second.close()

@@ -1,0 +1,252 @@
+"""The cache middleware on its own: config, time (an injected clock), coalescing across
+instances, purging, a dead store (DESIGN §6, §9). The endpoint here honours the BodyTap
+contract as the proxy does; tests/gateway/test_gateway_cache.py runs the real proxy.
+
+Behaviour tests run on the memory store, a real Redis and a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
+
+from gateway.config import StoreConfig
+from gateway.stores import MemoryStore, open_store
+from middleware.base import BODY_TAP, OUTCOME, Handler, Store
+from middleware.cache import CacheConfig, CacheMiddleware, purge
+from middleware.schema import ConfigError, Section
+from tests.conftest import free_port
+from tests.stores.conftest import FakeClock
+
+from .conftest import MakeClient
+
+Client = TestClient[web.Request, web.Application]
+HOST = {"Host": "api.test"}  # Host is in the key: every client of these tests uses the same one
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        pytest.param({}, CacheConfig(), id="defaults"),
+        pytest.param(
+            {"ttl": "5m", "max_entry": "2KiB", "shared": True, "stale_while_revalidate": "10s", "stale_if_error": 60},
+            CacheConfig(ttl=300, max_entry=2048, shared=True, stale_while_revalidate=10, stale_if_error=60),
+            id="everything",
+        ),
+        pytest.param({"statuses": [200]}, CacheConfig(statuses=frozenset({200})), id="statuses"),
+    ],
+)
+def test_config(raw: dict[str, object], expected: CacheConfig) -> None:
+    assert CacheConfig.parse(Section.single("cache", raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param({"statuses": [200, 999]}, "cache.statuses: expected a list of HTTP status codes", id="bad status"),
+        pytest.param({"tll": "5s"}, "cache.tll: unknown key", id="typo"),
+        pytest.param({"shared": "yes please"}, "cache.shared", id="not a boolean"),
+    ],
+)
+def test_config_errors(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        CacheConfig.parse(Section.single("cache", raw))
+
+
+def test_off_means_no_cache() -> None:
+    assert CacheConfig.parse(Section.single("cache", "off")) is None
+
+
+# -- behaviour -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        store: Store = MemoryStore(1024 * 1024, clock=clock)
+    else:
+        url = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster")
+        store = open_store(StoreConfig(url=url, timeout=0.5), namespace=f"t-{uuid.uuid4().hex[:8]}:")
+    yield store
+    await store.aclose()
+
+
+class Upstream:
+    """An endpoint that feeds the BodyTap as the proxy does, counting its calls by path."""
+
+    def __init__(self, headers: Sequence[tuple[str, str]] = (), delay: float = 0.0) -> None:
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.headers = list(headers)
+        self.delay = delay
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits[request.path] += 1
+        await asyncio.sleep(self.delay)
+        body = f"{request.path}#{self.hits[request.path]}".encode()
+        tag = request.query.get("tag")
+        headers = [*self.headers, *([("Cache-Tag", tag)] if tag else [])]
+        tap = request.get(BODY_TAP)
+        if tap is not None:
+            tap.start(200, "OK", headers)
+            tap.feed(body)
+            tap.finish(True)
+        return web.Response(body=body, headers=CIMultiDict(headers) if headers else None)
+
+
+def cache(store: Store, clock: FakeClock, scope: str = "svc", **config: object) -> CacheMiddleware:
+    return CacheMiddleware(CacheConfig(**config), store=store, scope=scope, clock=clock)  # type: ignore[arg-type]
+
+
+async def get(client: Client, path: str) -> tuple[str, str]:
+    async with client.get(path, headers=HOST) as response:
+        return response.headers["X-Cache"], await response.text()
+
+
+async def test_fresh_for_the_ttl_then_a_miss(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    upstream = Upstream()
+    client = await make_client(cache(store, clock, ttl=10), handler=upstream.handle)
+    assert await get(client, "/a") == ("MISS", "/a#1")
+    clock.advance(9.5)
+    async with client.get("/a", headers=HOST) as response:
+        assert (response.headers["X-Cache"], response.headers["Age"]) == ("HIT", "9")
+        assert response.headers["Cache-Status"] == "gateway; hit; ttl=0"
+    clock.advance(1)
+    assert await get(client, "/a") == ("MISS", "/a#2")
+
+
+async def test_upstream_age_counts(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    client = await make_client(cache(store, clock, ttl=10), handler=Upstream([("Age", "4")]).handle)
+    await get(client, "/a")
+    async with client.get("/a", headers=HOST) as response:
+        assert (response.headers["Age"], response.headers["Cache-Status"]) == ("4", "gateway; hit; ttl=6")
+
+
+async def test_stale_while_revalidate_refreshes_once(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    upstream = Upstream(delay=0.2)  # the refresh is still under way while the stale entry is served
+    middleware = cache(store, clock, ttl=10, stale_while_revalidate=30)
+    client = await make_client(middleware, handler=upstream.handle)
+    await get(client, "/a")
+    clock.advance(15)
+    assert await asyncio.gather(*(get(client, "/a") for _ in range(5))) == [("STALE", "/a#1")] * 5
+    await middleware.drain()
+    assert upstream.hits["/a"] == 2
+    assert await get(client, "/a") == ("HIT", "/a#2")
+    clock.advance(50)  # beyond the stale window: a plain miss
+    assert await get(client, "/a") == ("MISS", "/a#3")
+
+
+async def test_outcome_records_the_decision(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    seen: list[str | None] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        seen.append(request[OUTCOME].cache)
+        return response
+
+    client = await make_client(record, cache(store, clock), handler=Upstream().handle)
+    await get(client, "/a")
+    await get(client, "/a")
+    await client.post("/a")
+    assert seen == ["MISS", "HIT", "BYPASS"]
+
+
+async def test_two_instances_on_one_store_fill_once(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    upstream = Upstream(delay=0.3)
+    # two middlewares, each with its own in-process state, as two gateway instances
+    one = await make_client(cache(store, clock), handler=upstream.handle)
+    two = await make_client(cache(store, clock), handler=upstream.handle)
+    results = await asyncio.gather(*(get(client, "/a") for _ in range(10) for client in (one, two)))
+    assert upstream.hits["/a"] == 1
+    assert {body for _, body in results} == {"/a#1"}
+    assert sorted(result for result, _ in results) == ["HIT"] * 19 + ["MISS"]
+
+
+async def test_an_uncacheable_answer_is_not_shared_with_waiters(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream = Upstream([("Cache-Control", "private")], delay=0.1)
+    client = await make_client(cache(store, clock), handler=upstream.handle)
+    results = await asyncio.gather(*(get(client, "/a") for _ in range(5)))
+    assert [result for result, _ in results] == ["MISS"] * 5
+    assert upstream.hits["/a"] == 5
+
+
+# -- purge -----------------------------------------------------------------------------
+
+
+async def _fill(client: Client, paths: Sequence[str]) -> None:
+    for path in paths:
+        assert (await get(client, path))[0] == "MISS"
+        assert (await get(client, path))[0] == "HIT"
+
+
+async def _results(client: Client, paths: Sequence[str]) -> list[str]:
+    return [(await get(client, path))[0] for path in paths]
+
+
+async def test_purge_a_service(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    users = await make_client(cache(store, clock, scope="users"), handler=Upstream().handle)
+    chat = await make_client(cache(store, clock, scope="chat"), handler=Upstream().handle)
+    await _fill(users, ["/a", "/b?x=1"])
+    await _fill(chat, ["/a"])
+    assert await purge(store, service="users") == 2
+    assert await _results(users, ["/a", "/b?x=1"]) == ["MISS", "MISS"]
+    assert await _results(chat, ["/a"]) == ["HIT"]
+    assert await purge(store, service="nobody") == 0
+
+
+async def test_purge_a_path_prefix(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    client = await make_client(cache(store, clock, scope="users"), handler=Upstream().handle)
+    paths = ["/users", "/users/1", "/users/1?full=1", "/users2", "/teams/1"]
+    await _fill(client, paths)
+    assert await purge(store, service="users", prefix="/users") == 3
+    assert await _results(client, paths) == ["MISS", "MISS", "MISS", "HIT", "HIT"]
+    assert await purge(store, service="users", prefix="/") == 5
+
+
+async def test_purge_a_tag(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
+    client = await make_client(cache(store, clock, scope="users"), handler=Upstream().handle)
+    paths = ["/a?tag=user-1,list", "/b?tag=user-1", "/c?tag=list user-2", "/d"]
+    await _fill(client, paths)
+    assert await purge(store, service="users", tag="user-1") == 2
+    assert await _results(client, paths) == ["MISS", "MISS", "HIT", "HIT"]
+    assert await purge(store, service="users", tag="list") == 2  # /a again (refilled), and /c
+    assert await purge(store, service="users", tag="list") == 0
+
+
+async def test_purge_takes_one_selector(store: Store) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        await purge(store, service="users", prefix="/a", tag="t")
+
+
+# -- a dead store ----------------------------------------------------------------------
+
+
+async def test_store_down_bypasses_and_never_fails(make_client: MakeClient, clock: FakeClock) -> None:
+    dead = open_store(StoreConfig(url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.05), namespace="t:")
+    try:
+        upstream = Upstream()
+        client = await make_client(cache(dead, clock), handler=upstream.handle)
+        for _ in range(2):
+            async with client.get("/a", headers=HOST) as response:
+                assert response.status == 200
+                assert response.headers["Cache-Status"] == "gateway; fwd=bypass; detail=store-unavailable"
+        async with client.post("/a") as response:  # the invalidation fails quietly
+            assert response.status == 200
+        assert upstream.hits["/a"] == 3
+    finally:
+        await dead.aclose()
