@@ -95,7 +95,7 @@ def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
         "Try:",
         f"  curl -i {base}/api/users/users",
         f"  curl -i {base}/api/users/users/1",
-        f"  curl -i {base}/api/users/public/info",
+        f"  curl -si {base}/api/users/public/info | grep -i -e x-cache -e age:   # MISS, then HIT with an Age",
         f"  curl -i {base}/api/nope/                      # unknown service: 404 problem+json",
         f"  seq 15 | xargs -P15 -I{{}} curl -s -o /dev/null -w '%{{http_code}} ' {base}/api/users/users; echo"
         "  # about 10 pass at once, the rest get 429",

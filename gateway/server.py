@@ -179,9 +179,6 @@ def _log_startup(config: GatewayConfig, runner: web.AppRunner, loop: asyncio.Abs
         if len(service.routes) > 1:
             extras.append(f"{len(service.routes) - 1} path overrides")
         logger.info("  /api/%s/ -> %s (%s)", name, targets, ", ".join(extras))
-    unenforced = sorted({f"cache on {r.name}" for s in config.services.values() for r in s.routes if r.cache})
-    if unenforced:
-        logger.warning("not applied by this version (parsed and validated only): %s", ", ".join(unenforced))
 
 
 def _supervise(config: GatewayConfig, host: str, port: int, workers: int, drain_timeout: float) -> int:

@@ -1,10 +1,10 @@
 """The gateway's middlewares: one module each, config schema beside its handler (DESIGN §1, §6)."""
 
 from .auth import AuthMode, AuthPolicy, JwtAuthMiddleware, JwtSettings, claim_header_names, claim_headers
-from .cache import CacheConfig
+from .cache import CacheConfig, CacheMiddleware, purge
 from .jwks import KeySource
 from .problem import Problem, ProblemMiddleware
-from .rate_limit import RateLimitConfig
+from .rate_limit import RateLimitConfig, RateLimitMiddleware
 from .request_id import RequestIdMiddleware
 from .schema import ConfigError, Section
 
@@ -12,6 +12,7 @@ __all__ = (
     "AuthMode",
     "AuthPolicy",
     "CacheConfig",
+    "CacheMiddleware",
     "ConfigError",
     "JwtAuthMiddleware",
     "JwtSettings",
@@ -19,8 +20,10 @@ __all__ = (
     "Problem",
     "ProblemMiddleware",
     "RateLimitConfig",
+    "RateLimitMiddleware",
     "RequestIdMiddleware",
     "Section",
     "claim_header_names",
     "claim_headers",
+    "purge",
 )
