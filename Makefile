@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench check clean setup
+.PHONY: run test lint bench check clean setup redis-server chromium
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/gateway check
 
-test: $(STAMP) redis-server lint
+test: $(STAMP) redis-server chromium lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -40,6 +40,14 @@ redis-server:
 		(apt-get update -qq || sudo apt-get update -qq) && \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server || \
 		 sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server); }
+
+# The dashboard test drives a real headless Chromium (Debian package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium (Debian package)"; \
+		(apt-get update -qq || sudo apt-get update -qq) && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || \
+		 sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium); }
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

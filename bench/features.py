@@ -159,14 +159,14 @@ def start_gateway_rl_redis(port: int, backend: int, work: Path, stack: contextli
     return target
 
 
-def jwt_verify_costs() -> dict[str, float]:
-    """``jwt_verify.py`` pinned to the server CPU: µs per middleware call, cache off and on."""
+def in_process_costs(script: str) -> dict[str, float]:
+    """``jwt_verify.py`` or ``rl_verify.py`` pinned to the server CPU: µs per middleware call."""
     done = subprocess.run(
-        ["taskset", "-c", SERVER_CPU, sys.executable, str(BENCH_DIR / "jwt_verify.py")],
+        ["taskset", "-c", SERVER_CPU, sys.executable, str(BENCH_DIR / script)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     if done.returncode != 0:
-        raise BenchError(f"jwt_verify.py failed ({done.returncode}): {done.stderr or done.stdout}")
+        raise BenchError(f"{script} failed ({done.returncode}): {done.stderr or done.stdout}")
     costs: dict[str, float] = json.loads(done.stdout)
     return costs
 

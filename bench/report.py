@@ -199,11 +199,25 @@ def jwt_costs_table(costs: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def rl_costs_table(costs: dict[str, float]) -> str:
+    """``rl_verify.py``'s figures: CPU µs per request through the rate-limit middleware, per store."""
+    lines = ["| store | CPU µs per request in the gateway process |", "| --- | ---: |"]
+    lines += [f"| {store} | {us:.1f} |" for store, us in costs.items()]
+    return "\n".join(lines)
+
+
 def results_section(
-    samples: dict[str, list[Sample]], plan: str, logs: dict[str, str], jwt_costs: dict[str, float] | None = None
+    samples: dict[str, list[Sample]], plan: str, logs: dict[str, str], costs: dict[str, dict[str, float]] | None = None
 ) -> str:
     """The README results section; ``plan`` says what was run, ``logs`` are the proxies' logs,
-    ``jwt_costs`` what ``jwt_verify.py`` measured (when JWT targets ran)."""
+    ``costs`` what ``jwt_verify.py`` / ``rl_verify.py`` measured in process, by script."""
+    costs = costs or {}
+    in_process = {  # feature target -> (script, note, table)
+        "gateway-jwt-rs256": ("jwt_verify.py", "In process (`jwt_verify.py`, pinned to CPU 1, no sockets):",
+                              jwt_costs_table),
+        "gateway-rl-redis": ("rl_verify.py", "In process (`rl_verify.py`, pinned to CPU 1, 64 concurrent callers,"
+                             " Redis on CPU 0):", rl_costs_table),
+    }  # fmt: skip
     parts = ["### Latest results", "", *environment(plan, logs)]
     if samples:
         parts += ["", results_table(samples), "", noise_note(samples)]
@@ -212,13 +226,9 @@ def results_section(
     for title, names in FEATURES.items():
         if table := feature_table(samples, names):
             parts += ["", f"#### {title}", "", table]
-            if names == FEATURES["JWT verification (issue 3.7)"] and jwt_costs:
-                parts += [
-                    "",
-                    "In process (`jwt_verify.py`, pinned to CPU 1, no sockets):",
-                    "",
-                    jwt_costs_table(jwt_costs),
-                ]
+            for target, (script, note, render) in in_process.items():
+                if target in names and script in costs:
+                    parts += ["", note, "", render(costs[script])]
     return "\n".join(parts) + "\n"
 
 

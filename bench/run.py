@@ -157,7 +157,11 @@ def bench(args: argparse.Namespace) -> dict[str, str]:
             print(f"measuring {names}: about {plan.total_seconds(len(lab.targets))} s", flush=True)
             samples = run_rounds(lab, plan)
             logs = {t.name: t.server.log_head() for t in lab.targets if t.name in ("minimal-proxy", "gateway")}
-            costs = features.jwt_verify_costs() if any(n.startswith("gateway-jwt") for n in http) else None
+            costs = {
+                script: features.in_process_costs(script)
+                for script, prefix in (("jwt_verify.py", "gateway-jwt"), ("rl_verify.py", "gateway-rl"))
+                if any(name.startswith(prefix) for name in http)
+            }
             sections["results"] = results_section(samples, f"{plan.describe()}; {conditions}", logs, costs)
         if ws := [name for name in args.targets if name in WS_TARGETS]:
             sections["websocket"] = websocket_section(ws, plan, conditions, work, stack)

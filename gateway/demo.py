@@ -19,6 +19,8 @@ from aiohttp import web
 
 from examples import chat, users
 
+from . import reload
+from .admin import create_admin_app
 from .app import create_app
 from .config import ConfigInvalid, GatewayConfig, load_file
 from .server import _loop_factory, configure_logging
@@ -42,23 +44,32 @@ def run_demo(config_path: Path, *, port: int | None = None) -> int:
         return 1
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         try:
-            runner.run(_demo(config, port if port is not None else config.listen.port))
+            runner.run(_demo(config, config_path, port if port is not None else config.listen.port))
         except OSError as exc:
             print(f"gateway demo: cannot listen: {exc}", file=sys.stderr)
             return 1
     return 0
 
 
-async def _demo(config: GatewayConfig, port: int) -> None:
+async def _demo(config: GatewayConfig, config_path: Path, port: int) -> None:
     runners: list[web.AppRunner] = []
     try:
         backends = await _start_backends(config, runners)
-        gateway = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
+        app = create_app(config)
+        reload.install(app, config_path)  # edit routes.yaml while the demo runs: it is picked up
+        gateway = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await gateway.setup()
         runners.append(gateway)
         await web.TCPSite(gateway, config.listen.host, port).start()
+        admin_url = None
+        if config.admin.enabled:
+            admin = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False, shutdown_timeout=1)
+            await admin.setup()
+            runners.append(admin)
+            await web.TCPSite(admin, config.admin.host, config.admin.port).start()
+            admin_url = f"http://{config.admin.host}:{config.admin.port}"
         host = "127.0.0.1" if config.listen.host in ("0.0.0.0", "::") else config.listen.host
-        print(_instructions(config, f"http://{host}:{port}", backends), flush=True)
+        print(_instructions(config, f"http://{host}:{port}", backends, admin_url), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -86,7 +97,7 @@ async def _start_backends(config: GatewayConfig, runners: list[web.AppRunner]) -
     return started
 
 
-def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
+def _instructions(config: GatewayConfig, base: str, backends: list[str], admin: str | None = None) -> str:
     lines = [
         "",
         f"gateway demo: {base}  (Ctrl-C stops everything)",
@@ -119,5 +130,16 @@ def _instructions(config: GatewayConfig, base: str, backends: list[str]) -> str:
                 f'  python -m websockets "{ws}/api/chat/rooms/lobby?access_token=$TOKEN"',
                 f"  open {base}/api/chat/ in a browser and paste the token",
             ]
+    if admin is not None:
+        lines += [
+            "",
+            f"Operations (admin listener {admin}):",
+            f"  open {admin}/ in a browser: the live dashboard",
+            f"  curl -s {admin}/metrics | grep gateway_requests_total",
+            f"  curl -s {admin}/readyz; curl -s {admin}/config",
+            f"  curl -s '{admin}/explain?method=GET&path=/api/users/users/1'",
+            f"  curl -s -X POST '{admin}/cache/purge?service=users'",
+            "  edit routes.yaml: the change is picked up (or refused, with the error) without a restart",
+        ]
     lines += ["", "Access log (one JSON line per request) follows:", ""]
     return "\n".join(lines)

@@ -91,10 +91,13 @@ class Upstream:
         self.hits: collections.Counter[str] = collections.Counter()
         self.headers = list(headers)
         self.delay = delay
+        self.gate: asyncio.Event | None = None  # when set: calls after the first wait for it
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] += 1
         await asyncio.sleep(self.delay)
+        if self.gate is not None and self.hits[request.path] > 1:
+            await asyncio.wait_for(self.gate.wait(), timeout=10)
         body = f"{request.path}#{self.hits[request.path]}".encode()
         tag = request.query.get("tag")
         headers = [*self.headers, *([("Cache-Tag", tag)] if tag else [])]
@@ -135,12 +138,14 @@ async def test_upstream_age_counts(make_client: MakeClient, store: Store, clock:
 
 
 async def test_stale_while_revalidate_refreshes_once(make_client: MakeClient, store: Store, clock: FakeClock) -> None:
-    upstream = Upstream(delay=0.2)  # the refresh is still under way while the stale entry is served
+    upstream = Upstream()
+    upstream.gate = asyncio.Event()  # the refresh stays under way while the stale entry is served
     middleware = cache(store, clock, ttl=10, stale_while_revalidate=30)
     client = await make_client(middleware, handler=upstream.handle)
     await get(client, "/a")
     clock.advance(15)
     assert await asyncio.gather(*(get(client, "/a") for _ in range(5))) == [("STALE", "/a#1")] * 5
+    upstream.gate.set()
     await middleware.drain()
     assert upstream.hits["/a"] == 2
     assert await get(client, "/a") == ("HIT", "/a#2")
