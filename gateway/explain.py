@@ -20,18 +20,15 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from middleware import cache as cache_module
-from middleware._cache_key import Keys
 from middleware.auth import AuthMode, JwtAuthMiddleware, token_scopes
 from middleware.base import CLAIMS, CLIENT_IP, OUTCOME, Outcome, Store, StoreUnavailable
 from middleware.problem import Problem
-from middleware.rate_limit import client_key
+from middleware.rate_limit import RateLimitMiddleware, client_key
 from middleware.request_id import client_address
 
 from .app import ROUTES, STORE, create_app
 from .config import GatewayConfig, Route
 from .routing import Target
-from .stores import MemoryStore
-from .stores.gcra import interval_us
 from .upstreams import UpstreamPool
 
 __all__ = ("explain", "explain_offline", "parse_header", "render")
@@ -134,33 +131,18 @@ async def _auth(route: Route, config: GatewayConfig, keys: Any, request: web.Req
 async def _rate_limit(route: Route, store: Store, request: web.Request) -> dict[str, Any]:
     limit = route.rate_limit
     assert limit is not None
-    who = client_key(request, limit.key)
-    key = f"rl:{route.name}:{who}"
-    summary: dict[str, Any] = {"limit": limit.requests, "per": limit.per, "key": who}
+    limiter = RateLimitMiddleware(limit, store=store, scope=route.name)
+    summary: dict[str, Any] = {"limit": limit.requests, "per": limit.per, "key": client_key(request, limit.key)}
     try:
-        tat = await store.get(key)
+        _, quota = await limiter.peek(request)  # the store's own arithmetic and clock; nothing spent
     except StoreUnavailable as exc:
         summary["remaining"] = None
         summary["note"] = f"store unavailable: {exc}"
         return summary
-    summary["remaining"] = _remaining(tat, limit.requests, limit.per, memory=isinstance(store, MemoryStore))
+    summary["remaining"] = quota.remaining + 1 if quota.allowed else 0  # the budget now, before this one
+    if not quota.allowed:
+        summary["retry_after"] = math.ceil(quota.retry_after)
     return summary
-
-
-def _remaining(tat: bytes | None, limit: int, period: float, *, memory: bool) -> int:
-    """What ``Store.take`` would leave after one more request, plus that one: the budget now.
-
-    The memory store keeps the TAT on the monotonic clock; Redis keeps it on the server's
-    clock (epoch microseconds), read here from ours: close enough to explain, never spent.
-    """
-    if tat is None or not tat.isdigit():
-        return limit
-    now = round((time.monotonic() if memory else time.time()) * 1_000_000)
-    interval = interval_us(limit, period)
-    ahead = int(tat) - now
-    if ahead <= 0:
-        return limit
-    return max(0, min(limit, math.floor((interval * limit - ahead) / interval)))
 
 
 def _cache(route: Route, method: str, headers: Mapping[str, str], *, authenticated: bool) -> dict[str, Any] | None:
@@ -191,14 +173,11 @@ async def _cache_entry(route: Route, store: Store, request: web.Request, target:
     checker = cache_module.CacheMiddleware(
         route.cache, store=store, scope=route.service, target=lambda _: (target.rest or "/", target.query)
     )
-    claims = request.get(CLAIMS)
-    subject = None if route.cache.shared or claims is None else cache_module._subject(claims)
     try:
-        lookup = await checker._lookup(request, subject)
+        key, entry = await checker.peek(request)
     except StoreUnavailable as exc:
         return {"key": None, "would_hit": None, "note": f"store unavailable: {exc}"}
-    found: dict[str, Any] = {"key": Keys(route.service).entry(lookup.digest)}
-    entry = lookup.entry
+    found: dict[str, Any] = {"key": key}
     if entry is None:
         found.update(would_hit=False, entry="none stored: a miss (fetched and stored)")
     else:

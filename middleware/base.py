@@ -71,8 +71,9 @@ class Store(Protocol):
     and implemented by ``gateway/stores`` (memory, Redis, Redis Cluster). Keys are namespaced
     by the store. Every method raises :class:`StoreUnavailable` when the store cannot answer."""
 
-    async def take(self, key: str, *, limit: int, period: float) -> Quota:
-        """Spend one request of a ``limit`` per ``period`` seconds budget (GCRA), atomically."""
+    async def take(self, key: str, *, limit: int, period: float, spend: bool = True) -> Quota:
+        """Spend one request of a ``limit`` per ``period`` seconds budget (GCRA), atomically;
+        with ``spend=False`` only say what spending one would give (nothing is stored)."""
         ...
 
     async def get(self, key: str) -> bytes | None: ...

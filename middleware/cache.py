@@ -489,6 +489,13 @@ class CacheMiddleware:
         finally:
             self._refreshing.discard(lookup.digest)
 
+    async def peek(self, request: web.Request) -> tuple[str, Entry | None]:
+        """The store key ``request`` maps to and the entry stored there, read only (explain)."""
+        claims = request.get(CLAIMS)
+        subject = None if self._config.shared or claims is None else _subject(claims)
+        lookup = await self._lookup(request, subject)
+        return self._keys.entry(lookup.digest), lookup.entry
+
     async def drain(self) -> None:
         """Wait for the background refreshes under way (tests, shutdown)."""
         while self._tasks:

@@ -139,6 +139,15 @@ class RateLimitMiddleware:
             )
         return await handler(request)
 
+    async def peek(self, request: web.Request) -> tuple[str, Quota]:
+        """The budget key ``request`` would spend and what one more request would get; spends
+        nothing (explain). Raises StoreUnavailable when the store cannot answer."""
+        who = client_key(request, self._config.key)
+        quota = await self._store.take(
+            self._prefix + who, limit=self._config.requests, period=self._config.per, spend=False
+        )
+        return who, quota
+
     async def _take(self, key: str) -> Quota | None:
         limit, period = self._config.requests, self._config.per
         try:

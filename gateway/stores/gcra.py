@@ -19,14 +19,16 @@ __all__ = ("LUA", "Decision", "decide", "interval_us", "quota")
 
 _MAX_BURST_US = 2**53 // 4  # keeps every intermediate exact in Lua's doubles (about 71 years)
 
-# KEYS[1]: the TAT (µs, as decimal digits). ARGV[1]: T in µs, ARGV[2]: limit, ARGV[3]: optional
-# "now" in µs (tests only; the gateway always uses the server's clock so instances agree).
+# KEYS[1]: the TAT (µs, as decimal digits). ARGV[1]: T in µs, ARGV[2]: limit, ARGV[3]: "0" to only
+# look (nothing stored: explain), ARGV[4]: optional "now" in µs (tests only; the gateway always
+# uses the server's clock so instances agree).
 # Returns {allowed, remaining, reset_us, retry_us} like decide(). Numbers are written with
 # string.format('%d') because Lua would print a 16-digit number in exponent form.
 LUA = """
 local interval = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
+local spend = ARGV[3] ~= '0'
+local now = tonumber(ARGV[4])
 if not now then
   if redis.replicate_commands then redis.replicate_commands() end
   local t = redis.call('TIME')
@@ -40,7 +42,9 @@ local allow_at = new_tat - burst
 if now < allow_at then
   return {0, 0, tat - now, allow_at - now}
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+if spend then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+end
 return {1, math.floor((burst - (new_tat - now)) / interval), new_tat - now, 0}
 """
 

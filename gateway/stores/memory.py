@@ -55,13 +55,13 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def take(self, key: str, *, limit: int, period: float) -> Quota:
+    async def take(self, key: str, *, limit: int, period: float, spend: bool = True) -> Quota:
         interval = interval_us(limit, period)
         now = self._clock()
         entry = self._lookup(key, now)
         tat = int(entry.value) if entry is not None and entry.value.isdigit() else None  # as Lua's tonumber
         decision = decide(round(now * 1_000_000), tat, interval, limit)
-        if decision.tat is not None:
+        if spend and decision.tat is not None:
             self._store(key, b"%d" % decision.tat, now + decision.ttl_ms / 1000)
         return decision.quota()
 

@@ -87,12 +87,12 @@ class RedisStore:
         """The Redis key that holds ``key``: ``<namespace>{<key>}``."""
         return f"{self._namespace}{{{key}}}"
 
-    async def take(self, key: str, *, limit: int, period: float) -> Quota:
-        return await self._take(key, limit, period)
+    async def take(self, key: str, *, limit: int, period: float, spend: bool = True) -> Quota:
+        return await self._take(key, limit, period, spend=spend)
 
-    async def _take(self, key: str, limit: int, period: float, *now_us: int) -> Quota:
+    async def _take(self, key: str, limit: int, period: float, *now_us: int, spend: bool = True) -> Quota:
         # now_us: tests only, to replay a sequence of times against the Python arithmetic
-        keys, args = [self.key(key)], [interval_us(limit, period), limit, *now_us]
+        keys, args = [self.key(key)], [interval_us(limit, period), limit, 1 if spend else 0, *now_us]
         result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         allowed, remaining, reset_us, retry_us = result
         return quota(allowed, remaining, reset_us, retry_us)

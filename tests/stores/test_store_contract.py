@@ -181,3 +181,11 @@ async def test_rejections_do_not_spend(store: Store, advance: Advance, store_kin
 async def test_take_rejects_bad_budgets(store: Store, limit: int, period: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         await store.take("rl", limit=limit, period=period)
+
+
+async def test_take_without_spending_changes_nothing(store: Store) -> None:
+    await store.take("peek", limit=3, period=60)
+    looks = [await store.take("peek", limit=3, period=60, spend=False) for _ in range(5)]
+    assert {(q.allowed, q.remaining) for q in looks} == {(True, 1)}  # what spending one would leave
+    assert [(await store.take("peek", limit=3, period=60)).allowed for _ in range(3)] == [True, True, False]
+    assert not (await store.take("peek", limit=3, period=60, spend=False)).allowed
