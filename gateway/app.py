@@ -73,7 +73,7 @@ def create_app(config: GatewayConfig, *, metrics: Metrics | None = None) -> web.
     app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table, refresh_in_background])  # reverse teardown
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # every path, even one with an encoded newline
     return app
 
 

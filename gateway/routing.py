@@ -5,7 +5,7 @@ characters are decoded and the rest upper-cased, empty segments (``//``) merged,
 ``..`` resolved. A ``..`` that would climb out of ``/api/<service>/`` is a 400, and so is
 anything a backend could read as a different path than the one routes were matched on:
 control characters, a backslash, an encoded slash or backslash (``%2F``, ``%5C``), an
-encoded NUL, or a broken escape. The upstream receives the normalised path and the query
+encoded NUL, CR or LF, or a broken escape. The upstream receives the normalised path and the query
 string exactly as the client sent it.
 """
 
@@ -27,7 +27,7 @@ __all__ = ("API_PREFIX", "TARGET", "Match", "RouteTable", "Target", "normalise_p
 API_PREFIX = "api"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%(..)?", re.DOTALL)
-_FORBIDDEN_ESCAPES = frozenset({"00", "2F", "5C"})
+_FORBIDDEN_ESCAPES = frozenset({"00", "0A", "0D", "2F", "5C"})
 _HEX = frozenset("0123456789ABCDEFabcdef")
 
 

@@ -40,6 +40,8 @@ def test_normalise_path(raw: str, segments: list[str], trailing: bool) -> None:
         pytest.param("/api/a%2fb", "%2F is not allowed", id="encoded slash"),
         pytest.param("/api/a%5Cb", "%5C is not allowed", id="encoded backslash"),
         pytest.param("/api/a%00b", "%00 is not allowed", id="encoded NUL"),
+        pytest.param("/api/a%0Ab", "%0A is not allowed", id="encoded LF"),
+        pytest.param("/api/a%0db", "%0D is not allowed", id="encoded CR"),
         pytest.param("/api/a\\b", "backslashes", id="backslash"),
         pytest.param("/api/a%zzb", "invalid percent-encoding", id="bad escape"),
         pytest.param("/api/a%4", "invalid percent-encoding", id="truncated escape"),
