@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, reload
 from .admin import AdminState, create_admin_app
@@ -57,6 +58,24 @@ def configure_logging(level: str = "info") -> None:
     access.propagate = False
     access.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").disabled = True
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.filters.clear()
+    server_log.addFilter(OneLineParseErrors())
+
+
+class OneLineParseErrors(logging.Filter):
+    """A malformed request (smuggling shapes, oversized lines, bad chunking) is the client's
+    fault: log it as one warning line, not an error with a traceback that a client could use
+    to flood the log. aiohttp has already answered it with a 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            reason = str(error.message).strip().splitlines()[0] if error.message else type(error).__name__
+            record.msg, record.args = "refused a malformed request (%d): %s", (error.code, reason)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

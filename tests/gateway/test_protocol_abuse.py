@@ -4,10 +4,13 @@ the upstream; the gateway keeps serving (DESIGN §4, §5; SECURITY.md)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import TestServer
 
+from gateway.server import OneLineParseErrors
 from tests.backends import BACKEND_STATE
 from tests.conftest import GatewayClient, MakeGateway, upstream
 
@@ -100,3 +103,14 @@ async def test_body_over_max_body_is_413_and_the_upstream_never_sees_it(
     )
     assert answer.startswith(b"HTTP/1.1 413")
     assert backend.app[BACKEND_STATE].requests == []
+
+
+def test_a_malformed_request_is_logged_as_one_warning_line() -> None:
+    try:
+        raise BadHttpMessage("Duplicate Content-Length:\n\n  b'Content-Length: 5'")
+    except BadHttpMessage as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+                                   (type(exc), exc, exc.__traceback__))  # fmt: skip
+    assert OneLineParseErrors().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == "refused a malformed request (400): Duplicate Content-Length:"
