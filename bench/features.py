@@ -1,4 +1,5 @@
-"""The gateway with one feature on: JWT verification (issue 3.7) and rate limiting (issue 4.7).
+"""The gateway with one feature on: JWT verification (issue 3.7), rate limiting (issue 4.7) and
+the response cache (issue 5.7).
 
 Each target is the plain-proxy gateway of ``servers.start_gateway`` with one section
 added, so its cost is read against the ``gateway`` row of the same run:
@@ -12,6 +13,11 @@ added, so its cost is read against the ``gateway`` row of the same run:
   (pinned to the load CPU like the backend, its CPU time counted as ours). The store's
   ``on_error`` is ``deny``: a store that fails under load shows as wrk errors, not as a
   fast row that skipped the limit.
+
+* ``gateway-cache-hit`` / ``gateway-cache-miss``: ``cache: {ttl: 1h}`` on ``memory://``; every
+  request after the first is a hit, or (with ``Cache-Control: no-cache`` sent by wrk) goes to
+  the upstream and stores its answer again: the miss path. ``direct`` is nginx serving the same
+  body statically.
 
 JWT tokens are minted with pyjwt and the RSA key made with cryptography (both are the
 gateway's own dependencies), so run this with the venv's python.
@@ -171,10 +177,35 @@ def in_process_costs(script: str) -> dict[str, float]:
     return costs
 
 
+# --- cache (issue 5.7) ------------------------------------------------------------------------
+
+
+def _cached_target(name: str, headers: tuple[str, ...], port: int, backend: int, work: Path,
+                   stack: contextlib.ExitStack) -> Target:  # fmt: skip
+    routes = plain_routes(port, backend, defaults="auth: none, rate_limit: off, cache: {ttl: 1h}")
+    server = start_gateway_with(name, routes, port, work, stack)
+    target = Target(name, f"http://127.0.0.1:{port}{GATEWAY_PATH}", server, headers=headers)
+    wait_ready(server, target.url, payload(), headers=headers, must_have=("X-Cache",))
+    return target
+
+
+def start_gateway_cache_hit(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """``cache: {ttl: 1h}`` on the memory store: after the first request every one is a hit."""
+    return _cached_target("gateway-cache-hit", (), port, backend, work, stack)
+
+
+def start_gateway_cache_miss(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """The same route with ``Cache-Control: no-cache`` on every request: each one goes to the
+    upstream and stores the new answer (the miss path, storing included)."""
+    return _cached_target("gateway-cache-miss", ("Cache-Control: no-cache",), port, backend, work, stack)
+
+
 STARTERS: dict[str, StartFn] = {
     "gateway-jwt-hs256": start_gateway_jwt_hs256,
     "gateway-jwt-rs256-nocache": start_gateway_jwt_rs256_nocache,
     "gateway-jwt-rs256": start_gateway_jwt_rs256,
     "gateway-rl-memory": start_gateway_rl_memory,
     "gateway-rl-redis": start_gateway_rl_redis,
+    "gateway-cache-miss": start_gateway_cache_miss,
+    "gateway-cache-hit": start_gateway_cache_hit,
 }

@@ -20,6 +20,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
@@ -94,6 +95,8 @@ class Metrics:
             self._exposed = CollectorRegistry()
             MultiProcessCollector(self._exposed, multiprocess_dir)  # type: ignore[no-untyped-call]
         r = self.registry
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
         self.requests = Counter("gateway_requests", "Requests answered", ["service", "method", "status"], registry=r)
         self.duration = Histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the response", ["service"],
@@ -124,8 +127,17 @@ class Metrics:
         """Count one finished request (the access-log hook)."""
         service = outcome.service or NO_SERVICE
         method = request.method if request.method in _METHODS else "OTHER"
-        self.requests.labels(service=service, method=method, status=str(status)).inc()
-        self.duration.labels(service=service).observe(seconds)
+        # labelled children are cached: labels() costs more than the increment itself
+        counter = self._request_counters.get((service, method, status))
+        if counter is None:
+            counter = self._request_counters[service, method, status] = self.requests.labels(
+                service, method, str(status)
+            )
+        counter.inc()
+        histogram = self._durations.get(service)
+        if histogram is None:
+            histogram = self._durations[service] = self.duration.labels(service)
+        histogram.observe(seconds)
         if outcome.service is not None and outcome.error is not None and status in _UPSTREAM_ERRORS:
             self.upstream_errors.labels(service=service).inc()
         if outcome.cache is not None:

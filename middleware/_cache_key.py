@@ -25,6 +25,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 __all__ = ("Entry", "Keys", "cache_control", "freshness", "tags_of", "vary_of")
 
 MAGIC = b"GWC1"
@@ -132,7 +134,7 @@ class Entry:
         return max(0.0, now - self.stored) + self.age
 
     def encode(self) -> bytes:
-        meta = json.dumps(
+        meta = orjson.dumps(
             {
                 "s": self.status,
                 "r": self.reason,
@@ -142,9 +144,8 @@ class Entry:
                 "f": self.fresh,
                 "x": self.stale,
                 "g": list(self.tags),
-            },
-            separators=(",", ":"),
-        ).encode()
+            }
+        )
         return MAGIC + _LENGTH.pack(len(meta)) + meta + self.body
 
     @classmethod
@@ -154,7 +155,7 @@ class Entry:
             return None
         (length,) = _LENGTH.unpack_from(data, 4)
         try:
-            meta = json.loads(data[8 : 8 + length])
+            meta = orjson.loads(data[8 : 8 + length])
             return cls(
                 status=int(meta["s"]),
                 reason=str(meta["r"]),

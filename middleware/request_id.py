@@ -8,7 +8,6 @@ request is over writes exactly one JSON line from the request's :class:`Outcome`
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -16,6 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+import orjson
 from aiohttp import web
 
 from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
@@ -25,7 +25,6 @@ __all__ = ("REQUEST_ID_HEADER", "Observer", "RequestIdMiddleware", "client_addre
 access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 Observer = Callable[[web.Request, Outcome, int, float], None]
@@ -128,5 +127,6 @@ class RequestIdMiddleware:
             line["error"] = outcome.error
         # makeRecord + handle: the same record logger.info() makes, without its caller lookup
         # (a stack walk that cost about 40 µs a line, measured)
-        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, _JSON.encode(line), (), None)
+        text = orjson.dumps(line).decode()
+        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, text, (), None)
         access_log.handle(record)
