@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from middleware import base
-from middleware.auth import KeySource, claim_header_names, claim_headers
+from middleware.auth import KeySource, VerifiedTokens, claim_header_names, claim_headers
 from middleware.base import OUTCOME, Store, StoreUnavailable
 from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
@@ -157,6 +157,7 @@ def build_routes(
         pools=pools,
         jwt=jwt,
         keys=keys,
+        verified=VerifiedTokens(jwt.verify_cache) if jwt and jwt.verify_cache > 0 else None,
         store=app[STORE],
         on_error=on_error,
         local_store=MemoryStore(config.store.max_memory) if on_error == "local" else None,

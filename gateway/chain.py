@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource
+from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource, VerifiedTokens
 from middleware.base import Handler, Middleware, Store
 from middleware.cache import CacheMiddleware
 from middleware.rate_limit import RateLimitMiddleware
@@ -40,6 +40,7 @@ class ChainDeps:
     pools: dict[str, UpstreamPool]  # by service name
     jwt: JwtSettings | None
     keys: KeySource | None  # verification keys (static or JWKS), when jwt: is configured
+    verified: VerifiedTokens | None  # one verified-token cache for every route of the config (jwt.verify_cache)
     store: Store  # rate-limit budgets and cache entries (memory or Redis)
     on_error: str  # store.on_error: allow | deny | local
     local_store: Store | None  # the in-process fallback when on_error is local
@@ -65,7 +66,13 @@ def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
         if deps.jwt is None or deps.keys is None:  # config.py refuses this; never serve a protected route open
             raise RuntimeError(f"route {route.name} uses auth but there is no jwt: section")
         chain.append(
-            JwtAuthMiddleware(route.auth, settings=deps.jwt, keys=deps.keys, websocket=route.websocket is not None)
+            JwtAuthMiddleware(
+                route.auth,
+                settings=deps.jwt,
+                keys=deps.keys,
+                websocket=route.websocket is not None,
+                verified=deps.verified,
+            )
         )
     if route.rate_limit is not None:
         chain.append(
