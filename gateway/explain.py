@@ -73,6 +73,8 @@ async def explain(
     path = match.target.rest + (f"?{match.target.query}" if match.target.query is not None else "")
     result["upstream"] = _upstream(pool, path)
 
+    # A request that goes nowhere: aiohttp's own way to build one without a connection, so the
+    # route's real middlewares (auth, the rate-limit and cache keys) can be run on it.
     request = make_mocked_request(method, target, headers=CIMultiDict(headers))
     request[CLIENT_IP] = client_address(client, request.headers.get("X-Forwarded-For"), config.trusted_proxies)
     request[OUTCOME] = Outcome()
