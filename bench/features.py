@@ -143,7 +143,10 @@ def start_redis(port: int, work: Path, stack: contextlib.ExitStack) -> Server:
 def _rate_limited_target(name: str, store: str, port: int, backend: int, work: Path,
                          stack: contextlib.ExitStack, helpers: tuple[Server, ...] = ()) -> Target:  # fmt: skip
     routes = plain_routes(port, backend, defaults=f"auth: none, {RATE_LIMIT}, cache: off")
-    server = start_gateway_with(name, f"{routes}store: {{url: '{store}', on_error: deny}}\n", port, work, stack)
+    # timeout 1s: at 64 connections the saturated event loop alone delays a reply by tens of ms,
+    # which is queueing, not the store failing; on_error: deny still shows any real failure
+    store_section = f"store: {{url: '{store}', on_error: deny, timeout: 1s}}\n"
+    server = start_gateway_with(name, f"{routes}{store_section}", port, work, stack)
     target = Target(name, f"http://127.0.0.1:{port}{GATEWAY_PATH}", server, helpers=helpers)
     wait_ready(server, target.url, payload(), must_have=(RATE_LIMIT_HEADER,))
     return target
