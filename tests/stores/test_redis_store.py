@@ -269,3 +269,16 @@ async def test_cluster_ready_even_when_startup_outlasts_the_timeout(redis_cluste
         except StoreUnavailable:  # a 10 ms ping may miss on a busy machine; the startup is done
             assert time.monotonic() < deadline
     await store.aclose()
+
+
+async def test_takes_of_one_turn_share_one_connection(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
+    try:
+        await store.ping()
+        quotas = await asyncio.gather(*(store.take(f"k{i}", limit=5, period=60) for i in range(50)))
+        assert all(q.allowed and q.remaining == 4 for q in quotas)
+        with restartable_redis.client() as check:
+            clients = int(check.info("clients")["connected_clients"])
+        assert clients <= 3  # this check's own client, and the store's pool: one pipeline, not 50 connections
+    finally:
+        await store.aclose()
