@@ -28,7 +28,6 @@ from middleware.cache import CacheConfig
 from middleware.rate_limit import RateLimitConfig
 from middleware.schema import ConfigError, Section, describe, is_off
 
-from .websocket import WebSocketConfig
 from .yamlsource import LocatedError, Source, YamlError, parse_yaml
 
 __all__ = (
@@ -42,6 +41,7 @@ __all__ = (
     "Route",
     "Service",
     "StoreConfig",
+    "WebSocketConfig",
     "load_file",
     "load_text",
 )
@@ -96,11 +96,33 @@ class BreakerConfig:
     cooldown: float = 10.0  # seconds it stays out before it is tried again
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketConfig:
+    max_message: int = 1024 * 1024  # bytes in one message, either way; larger closes the socket with 1009
+    messages_per_second: int = 100  # from the client, per socket (burst of as many); beyond it: 1008
+    idle_timeout: float = 300.0  # seconds without a text/binary message either way before closing with 1001
+    ping_interval: float = 30.0  # seconds of silence before the gateway pings a peer (pong due in half)
+
+    @classmethod
+    def parse(cls, section: Section) -> WebSocketConfig | None:
+        """``websocket: true`` (defaults), a mapping of the fields above, or off/absent (None)."""
+        if section.is_off():
+            return None
+        config = cls(
+            max_message=section.size("max_message", 1024 * 1024),
+            messages_per_second=section.positive_int("messages_per_second", 100),
+            idle_timeout=section.duration("idle_timeout", 300.0, positive=True),
+            ping_interval=section.duration("ping_interval", 30.0, positive=True),
+        )
+        section.done()
+        return config
+
+
 @dataclass(frozen=True, slots=True)
 class PathPattern:
     """A per-path route pattern, relative to the service: ``/public/*`` matches everything below
-    ``/public/`` (``/public`` itself needs its own route); a ``*`` elsewhere matches within one
-    segment; anything else is exact."""
+    ``/public/`` and ``/public`` itself; a ``*`` elsewhere matches within one segment; anything
+    else is exact."""
 
     text: str
     regex: re.Pattern[str] = field(compare=False)

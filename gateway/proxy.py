@@ -20,15 +20,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, istr
-from yarl import URL
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from middleware.base import BODY_TAP, CLAIMS, OUTCOME, REQUEST_ID, BodyTap, IPNetwork
 from middleware.problem import Problem
 from middleware.request_id import is_trusted
 
 from .config import Route
-from .routing import TARGET, Target
+from .routing import TARGET
 from .upstreams import Upstream, UpstreamPool
 
 __all__ = ("HOP_BY_HOP", "Forwarder", "RouteProxy")
@@ -50,10 +49,10 @@ _SMALL_BODY = 64 * 1024  # request bodies up to this size (with a Content-Length
 _X_FORWARDED_FOR = istr("X-Forwarded-For")
 
 
-def connection_named(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders) -> frozenset[str]:
+def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[istr]:
     """Header names listed in ``Connection`` (they are hop-by-hop for this message only)."""
-    names: set[str] = set()
-    for value in CIMultiDict(headers).getall(hdrs.CONNECTION, ()):
+    names: set[istr] = set()
+    for value in headers.getall(hdrs.CONNECTION, ()):
         names.update(istr(token.strip()) for token in value.split(",") if token.strip())
     return frozenset(names)
 
@@ -104,7 +103,10 @@ class Forwarder:
 
     def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         """The headers the upstream gets: the client's, less hop-by-hop, plus what we add."""
-        drop = self._strip | connection_named(request.headers)
+        drop = self._strip
+        named = connection_named(request.headers)
+        if named:  # most requests name nothing, or only keep-alive: no new set for them
+            drop = drop | named
         trusted = self._peer_trusted(request)
         if not trusted:
             drop = drop | _FORWARDED
@@ -148,14 +150,9 @@ class RouteProxy:
         tried: list[Upstream] = []
         outcome = request[OUTCOME]
         while True:
-            upstream = self._pool.pick(tried)
-            if upstream is None:
-                if tried:
-                    raise Problem(502, f"no upstream of {self._route.service} could be reached")
-                raise Problem(503, f"no healthy upstream for {self._route.service}")
-            tried.append(upstream)
+            upstream = self._pool.choose(tried)
             outcome.upstream = upstream.base
-            url = URL(_upstream_path(upstream.base, target), encoded=True)
+            url = upstream.url_for(target)
             data = body if body is not None or limit is None else _limited(request.content, limit)
             try:
                 can_retry = len(tried) <= self._route.retries
@@ -220,7 +217,8 @@ class RouteProxy:
         return Problem(502, f"{where} failed: {type(exc).__name__}")
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        drop = HOP_BY_HOP | connection_named(upstream.headers)
+        named = connection_named(upstream.headers)
+        drop = HOP_BY_HOP | named if named else HOP_BY_HOP
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in upstream.headers.items():
             if name not in drop:
@@ -291,12 +289,3 @@ class RouteProxy:
             logger.warning("upstream body from %s failed during a refresh: %r", request[OUTCOME].upstream, exc)
         tap.finish(complete and wanted)
         return web.StreamResponse(status=upstream.status, reason=upstream.reason)
-
-
-def _upstream_path(base: str, target: Target) -> str:
-    url = base + target.rest
-    if not target.rest and "/" not in base[base.index("//") + 2 :]:
-        url += "/"
-    if target.query is not None:
-        url += "?" + target.query
-    return url

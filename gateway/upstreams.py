@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from yarl import URL
 
+from middleware.problem import Problem
+
 from .config import BreakerConfig
+from .routing import Target
 
 __all__ = ("Upstream", "UpstreamPool")
 
@@ -34,6 +37,16 @@ class Upstream:
     @property
     def label(self) -> str:
         return self.base
+
+    def url_for(self, target: Target) -> URL:
+        """The upstream URL of a matched request: the base (with its path prefix), the path
+        below the service, and the query exactly as the client sent it."""
+        url = self.base + target.rest
+        if not target.rest and "/" not in self.base[self.base.index("//") + 2 :]:
+            url += "/"
+        if target.query is not None:
+            url += "?" + target.query
+        return URL(url, encoded=True)
 
 
 class UpstreamPool:
@@ -63,6 +76,19 @@ class UpstreamPool:
                 self._next = (self._next + offset + 1) % count
                 return upstream
         return None
+
+    def choose(self, tried: list[Upstream]) -> Upstream:
+        """The next upstream for a request that already tried ``tried`` (it is added there).
+
+        Raises Problem 503 when no upstream is healthy, 502 when every healthy one was tried.
+        """
+        upstream = self.pick(tried)
+        if upstream is None:
+            if tried:
+                raise Problem(502, f"no upstream of {self.service} could be reached")
+            raise Problem(503, f"no healthy upstream for {self.service}")
+        tried.append(upstream)
+        return upstream
 
     def healthy(self, upstream: Upstream) -> bool:
         return upstream.open_until <= self._clock()

@@ -34,24 +34,21 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, WSServerHandshakeError, hdrs, web
 from multidict import istr
-from yarl import URL
 
 from middleware.auth import QUERY_TOKEN
 from middleware.base import CLAIMS, OUTCOME, Handler
 from middleware.problem import Problem
-from middleware.schema import Section
 
-if TYPE_CHECKING:  # config.py imports WebSocketConfig from here: nothing that imports config at runtime
-    from .config import Route
-    from .proxy import Forwarder
-    from .upstreams import Upstream, UpstreamPool
+from .config import Route, WebSocketConfig
+from .proxy import Forwarder
+from .routing import TARGET, Target
+from .upstreams import Upstream, UpstreamPool
 
 __all__ = (
     "CLOSE_TIMEOUT",
@@ -72,28 +69,6 @@ _HANDSHAKE_HEADERS = frozenset(
                       "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept")
 )  # fmt: skip
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})  # codes a close frame must not carry
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WebSocketConfig:
-    max_message: int = 1024 * 1024  # bytes in one message, either way; larger closes the socket with 1009
-    messages_per_second: int = 100  # from the client, per socket (burst of as many); beyond it: 1008
-    idle_timeout: float = 300.0  # seconds without a text/binary message either way before closing with 1001
-    ping_interval: float = 30.0  # seconds of silence before the gateway pings a peer (pong due in half)
-
-    @classmethod
-    def parse(cls, section: Section) -> WebSocketConfig | None:
-        """``websocket: true`` (defaults), a mapping of the fields above, or off/absent (None)."""
-        if section.is_off():
-            return None
-        config = cls(
-            max_message=section.size("max_message", 1024 * 1024),
-            messages_per_second=section.positive_int("messages_per_second", 100),
-            idle_timeout=section.duration("idle_timeout", 300.0, positive=True),
-            ping_interval=section.duration("ping_interval", 30.0, positive=True),
-        )
-        section.done()
-        return config
 
 
 # -- the open sockets of one app ----------------------------------------------------------
@@ -232,9 +207,6 @@ class WebSocketRelay:
 
     async def _connect(self, request: web.Request, offered: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse[bool]:
         """The upstream socket, on the next healthy upstream (another one after a failed connect)."""
-        from .proxy import _upstream_path  # here, not at the top: see TYPE_CHECKING above
-        from .routing import TARGET, Target
-
         headers = self._forwarder.upstream_headers(request)
         for name in _HANDSHAKE_HEADERS:
             headers.popall(name, None)
@@ -242,14 +214,9 @@ class WebSocketRelay:
         target = Target(target.rest, _without_token(target.query))
         tried: list[Upstream] = []
         while True:
-            upstream = self._pool.pick(tried)
-            if upstream is None:
-                if tried:
-                    raise Problem(502, f"no upstream of {self._route.service} could be reached")
-                raise Problem(503, f"no healthy upstream for {self._route.service}")
-            tried.append(upstream)
+            upstream = self._pool.choose(tried)
             request[OUTCOME].upstream = upstream.base
-            url = URL(_upstream_path(upstream.base, target), encoded=True)
+            url = upstream.url_for(target)
             try:
                 async with asyncio.timeout(self._handshake_timeout):
                     socket = await self._forwarder.session.ws_connect(

@@ -49,6 +49,23 @@ class GatewayProcess:
             raise
 
 
+def gateway_command(config: Path, port: int, *extra: str) -> list[str]:
+    """``python -m gateway run`` on ``config``, listening on 127.0.0.1:``port``."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
 StartGateway = Callable[..., GatewayProcess]
 
 
@@ -67,19 +84,7 @@ def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
         config = tmp_path / f"routes-{len(started)}.yaml"
         config.write_text(text)
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "run",
-                "-c",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *extra,
-            ],
+            gateway_command(config, port, *extra),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import psutil
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import free_port, upstream
-from tests.e2e.conftest import GatewayProcess, StartGateway
+from tests.e2e.conftest import GatewayProcess, StartGateway, gateway_command
 
 YAML = """
 limits: {{drain_timeout: {drain}}}
@@ -128,19 +127,9 @@ def test_a_busy_admin_port_is_a_clean_error(tmp_path: Path, backend: TestServer)
         config.write_text(
             f"admin: {{host: 127.0.0.1, port: {port}}}\n" + YAML.format(upstream=upstream(backend), drain="1s")
         )
-        run = [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ]
-        result = subprocess.run(run, capture_output=True, text=True, timeout=20, check=False)
+        result = subprocess.run(
+            gateway_command(config, free_port()), capture_output=True, text=True, timeout=20, check=False
+        )
     assert result.returncode == 1
     assert f"gateway: cannot serve on 127.0.0.1:{port} (admin listener): Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
