@@ -130,6 +130,8 @@ async def route_table(app: web.Application) -> AsyncIterator[None]:
     holder.table, holder.pools = build_routes(app, app[CONFIG], keys=holder.keys)
     holder.config = app[CONFIG]
     yield
+    for pool in holder.pools.values():
+        pool.close()
 
 
 def build_routes(

@@ -6,21 +6,24 @@ followed, statuses as they are. Hop-by-hop headers (RFC 9110 §7.6.1, and any na
 ``X-Forwarded-For/Proto/Host`` and ``X-Request-ID``; when the client is not a trusted
 proxy, whatever X-Forwarded-* / Forwarded it sent is dropped first (as Traefik does).
 
-aiohttp client errors are translated to problems in one place, :func:`_client_errors`:
-refused or reset → 502, timeout → 504, no healthy upstream → 503, body too large → 413.
+Requests go out on :mod:`gateway.upstream_http` (keep-alive connections per upstream), whose
+errors are translated to problems in one place, :meth:`RouteProxy._upstream_errors`: refused
+or reset → 502, timeout → 504, no healthy upstream → 503, body too large → 413.
+
+Header names are compared lower-cased: clients send any case (``x-user-id`` is
+``X-User-Id``), and a spoofed claim header must be dropped whatever its case.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from middleware.base import BODY_TAP, CLAIMS, OUTCOME, REQUEST_ID, BodyTap, IPNetwork
 from middleware.problem import Problem
@@ -28,33 +31,37 @@ from middleware.request_id import is_trusted
 
 from .config import Route
 from .routing import TARGET
+from .upstream_http import (
+    ConnectFailed,
+    ConnectionBroken,
+    ConnectTimeout,
+    InvalidResponse,
+    ReadTimeout,
+    UpstreamError,
+    UpstreamResponse,
+)
 from .upstreams import Upstream, UpstreamPool
 
-__all__ = ("HOP_BY_HOP", "Forwarder", "RouteProxy")
+__all__ = ("HOP_BY_HOP", "Forwarder", "RouteProxy", "connection_named")
 
 logger = logging.getLogger(__name__)
 
+Headers = list[tuple[str, str]]
+
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-    )
+    {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+     "te", "trailer", "transfer-encoding", "upgrade"}
 )  # fmt: skip
-# Set by us from what we know, never copied from the client as-is.
-_REQUEST_OWN = frozenset(istr(h) for h in ("Host", "Expect", "X-Request-ID"))
-_FORWARDED = frozenset(istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded"))
+# Set by us from what we know (the upstream client writes Host and the body framing), never copied.
+_REQUEST_OWN = frozenset({"host", "expect", "x-request-id", "content-length"})
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_SMALL_BODY = 64 * 1024  # request bodies up to this size (with a Content-Length) are read whole: retryable
-_X_FORWARDED_FOR = istr("X-Forwarded-For")
+_SMALL_BODY = 64 * 1024  # bodies up to this size with a Content-Length are read whole (requests: retryable)
 
 
-def connection_named(headers: CIMultiDictProxy[str]) -> frozenset[istr]:
-    """Header names listed in ``Connection`` (they are hop-by-hop for this message only)."""
-    names: set[istr] = set()
-    for value in headers.getall(hdrs.CONNECTION, ()):
-        names.update(istr(token.strip()) for token in value.split(",") if token.strip())
-    return frozenset(names)
+def connection_named(values: Iterable[str]) -> frozenset[str]:
+    """Header names (lower-cased) listed in ``Connection`` values: hop-by-hop for this message only."""
+    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
 
 
 @dataclass(slots=True)
@@ -84,7 +91,7 @@ class _Retry(Exception):
 
 
 class Forwarder:
-    """Shared by every route of one app: the pooled session and the request-independent settings."""
+    """Shared by every route of one app: the request-independent settings of forwarding."""
 
     def __init__(
         self,
@@ -95,39 +102,35 @@ class Forwarder:
         strip_headers: frozenset[str] = frozenset(),
         claim_headers: Callable[[Mapping[str, Any] | None], dict[str, str]] | None = None,
     ) -> None:
-        self.session = session
+        self.session = session  # for the WebSocket relay; HTTP goes out on each upstream's connections
         self._trusted = tuple(trusted_proxies)
         self.max_body = max_body
-        self._strip = HOP_BY_HOP | _REQUEST_OWN | frozenset(istr(h) for h in strip_headers)
+        self._strip = HOP_BY_HOP | _REQUEST_OWN | frozenset(h.lower() for h in strip_headers)
+        self._strip_untrusted = self._strip | _FORWARDED
         self._claim_headers = claim_headers
 
-    def upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def upstream_headers(self, request: web.Request) -> Headers:
         """The headers the upstream gets: the client's, less hop-by-hop, plus what we add."""
-        drop = self._strip
-        named = connection_named(request.headers)
-        if named:  # most requests name nothing, or only keep-alive: no new set for them
-            drop = drop | named
-        trusted = self._peer_trusted(request)
-        if not trusted:
-            drop = drop | _FORWARDED
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            if name not in drop:
-                headers.add(name, value)
+        client = request.headers
+        trusted = bool(self._trusted) and request.remote is not None and is_trusted(request.remote, self._trusted)
+        drop = self._strip if trusted else self._strip_untrusted
+        if hdrs.CONNECTION in client:
+            drop = drop | connection_named(client.getall(hdrs.CONNECTION))
+        headers = [(name, value) for name, value in client.items() if name.lower() not in drop]
         peer = request.remote or "unknown"
-        prior = headers.popall(_X_FORWARDED_FOR, ())
-        headers[_X_FORWARDED_FOR] = ", ".join([*prior, peer]) if prior else peer
-        headers.setdefault("X-Forwarded-Proto", "https" if request.secure else "http")
-        host = request.headers.get(hdrs.HOST)
-        if host is not None:
-            headers.setdefault("X-Forwarded-Host", host)
-        headers["X-Request-ID"] = request[REQUEST_ID]
+        prior = client.getall(hdrs.X_FORWARDED_FOR, ()) if trusted else ()
+        if prior:
+            headers = [(name, value) for name, value in headers if name.lower() != "x-forwarded-for"]
+        headers.append(("X-Forwarded-For", ", ".join([*prior, peer]) if prior else peer))
+        if not trusted or hdrs.X_FORWARDED_PROTO not in client:
+            headers.append(("X-Forwarded-Proto", "https" if request.secure else "http"))
+        host = client.get(hdrs.HOST)
+        if host is not None and (not trusted or hdrs.X_FORWARDED_HOST not in client):
+            headers.append(("X-Forwarded-Host", host))
+        headers.append(("X-Request-ID", request[REQUEST_ID]))
         if self._claim_headers is not None:
-            headers.update(self._claim_headers(request.get(CLAIMS)))
+            headers.extend(self._claim_headers(request.get(CLAIMS)).items())
         return headers
-
-    def _peer_trusted(self, request: web.Request) -> bool:
-        return bool(self._trusted) and request.remote is not None and is_trusted(request.remote, self._trusted)
 
 
 class RouteProxy:
@@ -137,32 +140,33 @@ class RouteProxy:
         self._forwarder = forwarder
         self._route = route
         self._pool = pool
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=route.connect_timeout, sock_read=route.timeout
-        )
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        forwarder = self._forwarder
-        headers = forwarder.upstream_headers(request)
+        headers = self._forwarder.upstream_headers(request)
         body, limit = await self._request_body(request)
-        idempotent = request.method in _IDEMPOTENT
+        method = request.method
+        idempotent = method in _IDEMPOTENT
         target = request[TARGET]
+        route = self._route
         tried: list[Upstream] = []
         outcome = request[OUTCOME]
         while True:
             upstream = self._pool.choose(tried)
             outcome.upstream = upstream.base
-            url = upstream.url_for(target)
             data = body if body is not None or limit is None else _limited(request.content, limit)
             try:
-                can_retry = len(tried) <= self._route.retries
-                with self._client_errors(upstream, limit, can_retry=can_retry, idempotent=idempotent):
-                    upstream_response = await forwarder.session.request(
-                        request.method, url, headers=headers, data=data, allow_redirects=False, timeout=self._timeout,
-                    )  # fmt: skip
+                can_retry = len(tried) <= route.retries
+                with self._upstream_errors(upstream, limit, can_retry=can_retry, idempotent=idempotent):
+                    upstream_response = await upstream.connections.request(
+                        method,
+                        upstream.path_for(target),
+                        headers,
+                        data,
+                        content_length=request.content_length if limit is not None else None,
+                        connect_timeout=route.connect_timeout,
+                        read_timeout=route.timeout,
+                    )
             except _Retry:
-                if limit is not None and limit.consumed:
-                    raise Problem(502, f"upstream {upstream.base} failed while the body was being sent") from None
                 continue
             self._pool.succeeded(upstream)
             async with upstream_response:
@@ -182,50 +186,48 @@ class RouteProxy:
         return None, _BodyLimit(max_body)
 
     @contextlib.contextmanager
-    def _client_errors(
+    def _upstream_errors(
         self, upstream: Upstream, limit: _BodyLimit | None, *, can_retry: bool, idempotent: bool
     ) -> Iterator[None]:
-        """Translate aiohttp's client errors for one attempt; raise _Retry when another may be made:
-        after a failed connect (nothing reached the upstream) for any method, after a reset only
-        for idempotent methods, and never once the client's streamed body has been read."""
+        """Translate one attempt's failure; raise _Retry when another attempt may be made: after a
+        failed connect (nothing reached the upstream) for any method, after a reset only for
+        idempotent methods, and never once the client's streamed body has been read."""
         try:
             yield
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if limit is not None and limit.exceeded:
-                raise Problem(413, f"the request body is over the limit of {limit.limit} bytes") from None
+        except _BodyTooLarge:
+            raise Problem(413, f"the request body is over the limit of {self._forwarder.max_body} bytes") from None
+        except UpstreamError as exc:
             replayable = can_retry and (limit is None or not limit.consumed)
-            if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            if isinstance(exc, ConnectFailed):
                 self._pool.failed(upstream)
                 if replayable:
                     raise _Retry from None
-            elif isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError) and replayable and idempotent:
+            elif isinstance(exc, ConnectionBroken) and replayable and idempotent:
                 raise _Retry from None
+            if limit is not None and limit.consumed and isinstance(exc, ConnectFailed | ConnectionBroken):
+                raise Problem(502, f"upstream {upstream.base} failed while the body was being sent") from None
             raise self._problem(upstream, exc) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:  # reading the client's streamed body
+            raise Problem(400, f"the request body broke off: {type(exc).__name__}") from None
 
-    def _problem(self, upstream: Upstream, exc: BaseException) -> Problem:
+    def _problem(self, upstream: Upstream, exc: UpstreamError) -> Problem:
         where = f"upstream {upstream.base}"
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, ConnectTimeout):
             return Problem(504, f"{where} did not accept a connection within {self._route.connect_timeout:g}s")
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectFailed):
             return Problem(502, f"{where} refused the connection")
-        if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
+        if isinstance(exc, ReadTimeout):
             return Problem(504, f"{where} did not answer within {self._route.timeout:g}s")
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return Problem(502, f"{where} sent an invalid response: {exc.message}")
-        if isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-            return Problem(502, f"{where} closed the connection: {type(exc).__name__}")
-        return Problem(502, f"{where} failed: {type(exc).__name__}")
+        if isinstance(exc, InvalidResponse):
+            return Problem(502, f"{where} sent an invalid response: {exc}")
+        return Problem(502, f"{where} closed the connection: {exc}")
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        named = connection_named(upstream.headers)
-        drop = HOP_BY_HOP | named if named else HOP_BY_HOP
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in upstream.headers.items():
-            if name not in drop:
-                headers.add(name, value)
+    async def _relay(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+        drop = HOP_BY_HOP | connection_named((upstream.connection,)) if upstream.connection else HOP_BY_HOP
+        headers = [(name, value) for name, value in upstream.headers if name.lower() not in drop]
         tap = request.get(BODY_TAP)
         if tap is not None:
-            wanted = tap.start(upstream.status, upstream.reason or "", list(headers.items()))
+            wanted = tap.start(upstream.status, upstream.reason, headers)
             if tap.detached:  # a background refresh: nobody to answer, only the tap to fill
                 return await self._fill(request, upstream, tap, wanted)
         length = upstream.content_length
@@ -234,7 +236,7 @@ class RouteProxy:
             # Small and announced: read it whole and answer in one write, as a plain Response.
             try:
                 body = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except UpstreamError as exc:
                 if tap is not None:
                     tap.finish(False)
                 raise Problem(502, f"upstream {request[OUTCOME].upstream} broke off its response") from exc
@@ -249,16 +251,15 @@ class RouteProxy:
             if tap is not None:
                 tap.finish(True)
             return response
-        content = upstream.content
         while True:
             try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                chunk = await upstream.readany()
+            except UpstreamError as exc:
                 if tap is not None:
                     tap.finish(False)
                 # The status line is out: the only honest signal left is to cut the connection.
                 request[OUTCOME].error = f"upstream body failed: {type(exc).__name__}"
-                logger.warning("upstream body from %s failed mid-stream: %r", request[OUTCOME].upstream, exc)
+                logger.warning("upstream body from %s failed mid-stream: %s", request[OUTCOME].upstream, exc)
                 if request.transport is not None:
                     request.transport.abort()
                 return response
@@ -273,19 +274,19 @@ class RouteProxy:
         return response
 
     async def _fill(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, tap: BodyTap, wanted: bool
+        self, request: web.Request, upstream: UpstreamResponse, tap: BodyTap, wanted: bool
     ) -> web.StreamResponse:
         """Read the body into a detached tap only, while it wants more; the response is never sent."""
         bodiless = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
         complete = bodiless
         try:
             while wanted and not bodiless:
-                chunk = await upstream.content.readany()
+                chunk = await upstream.readany()
                 if not chunk:
                     complete = True
                     break
                 wanted = tap.feed(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            logger.warning("upstream body from %s failed during a refresh: %r", request[OUTCOME].upstream, exc)
+        except UpstreamError as exc:
+            logger.warning("upstream body from %s failed during a refresh: %s", request[OUTCOME].upstream, exc)
         tap.finish(complete and wanted)
         return web.StreamResponse(status=upstream.status, reason=upstream.reason)

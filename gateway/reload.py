@@ -124,7 +124,10 @@ class Reloader:
         if keys is not holder.keys and holder.keys is not None:
             self._retired.append(holder.keys)
         # one step, no await: a request sees either the old table or the new one
+        retired = [pool for pool in holder.pools.values() if pool not in pools.values()]
         holder.table, holder.pools, holder.config, holder.keys = table, pools, config, keys
+        for pool in retired:  # removed or changed upstreams: in-flight responses finish first
+            pool.close()
         changes = describe_changes(old, config)
         restart = [s for s in _RESTART_ONLY if getattr(old, s) != getattr(config, s)]
         if old.limits.drain_timeout != config.limits.drain_timeout:

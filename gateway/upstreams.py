@@ -19,6 +19,7 @@ from middleware.problem import Problem
 
 from .config import BreakerConfig
 from .routing import Target
+from .upstream_http import ConnectionPool
 
 __all__ = ("Upstream", "UpstreamPool")
 
@@ -27,16 +28,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True, eq=False)
 class Upstream:
-    """One upstream base URL (scheme, host, port and path prefix, no trailing slash) and its health."""
+    """One upstream base URL (scheme, host, port and path prefix, no trailing slash), its
+    keep-alive connections and its health."""
 
     url: URL
     base: str  # str(url) precomputed: the request path is appended to it
+    connections: ConnectionPool
+    prefix: str = ""  # the URL's path prefix ("/v1"), "" when it has none
     failures: int = 0  # consecutive connection failures
     open_until: float = 0.0  # monotonic time until which it is out of rotation
+
+    @classmethod
+    def at(cls, url: URL) -> Upstream:
+        return cls(url, str(url), ConnectionPool(url.origin()), prefix=url.raw_path.rstrip("/"))
 
     @property
     def label(self) -> str:
         return self.base
+
+    def path_for(self, target: Target) -> str:
+        """The request target sent upstream: the path prefix, the path below the service
+        (``/`` when both are empty) and the query exactly as the client sent it."""
+        path = self.prefix + target.rest or "/"
+        return path if target.query is None else f"{path}?{target.query}"
 
     def url_for(self, target: Target) -> URL:
         """The upstream URL of a matched request: the base (with its path prefix), the path
@@ -61,7 +75,7 @@ class UpstreamPool:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
-        self.upstreams = tuple(Upstream(url, str(url)) for url in urls)
+        self.upstreams = tuple(Upstream.at(url) for url in urls)
         self._breaker = breaker
         self._clock = clock
         self._next = 0
@@ -89,6 +103,11 @@ class UpstreamPool:
             raise Problem(503, f"no healthy upstream for {self.service}")
         tried.append(upstream)
         return upstream
+
+    def close(self) -> None:
+        """Close every upstream's keep-alive connections (busy ones once their response is done)."""
+        for upstream in self.upstreams:
+            upstream.connections.close()
 
     def healthy(self, upstream: Upstream) -> bool:
         return upstream.open_until <= self._clock()

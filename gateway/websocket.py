@@ -39,7 +39,6 @@ from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, WSServerHandshakeError, hdrs, web
-from multidict import istr
 
 from middleware.auth import QUERY_TOKEN
 from middleware.base import CLAIMS, OUTCOME, Handler
@@ -65,8 +64,8 @@ logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # seconds a closing handshake may take before the connection is cut
 _HANDSHAKE_HEADERS = frozenset(
-    istr(h) for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol",
-                      "Sec-WebSocket-Extensions", "Sec-WebSocket-Accept")
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions",
+     "sec-websocket-accept"}
 )  # fmt: skip
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})  # codes a close frame must not carry
 
@@ -207,9 +206,7 @@ class WebSocketRelay:
 
     async def _connect(self, request: web.Request, offered: tuple[str, ...]) -> aiohttp.ClientWebSocketResponse[bool]:
         """The upstream socket, on the next healthy upstream (another one after a failed connect)."""
-        headers = self._forwarder.upstream_headers(request)
-        for name in _HANDSHAKE_HEADERS:
-            headers.popall(name, None)
+        headers = [(n, v) for n, v in self._forwarder.upstream_headers(request) if n.lower() not in _HANDSHAKE_HEADERS]
         target = request[TARGET]
         target = Target(target.rest, _without_token(target.query))
         tried: list[Upstream] = []

@@ -1,0 +1,530 @@
+"""The proxy's HTTP/1.1 client: keep-alive connections to one upstream, and nothing else.
+
+aiohttp's ``ClientSession`` is a general client (cookies, redirects, auth, proxies,
+tracing, decompression, a request and a response object graph per call), and it is three
+quarters of what a straightforward aiohttp proxy spends per request. The proxy needs
+much less: write one request it has already checked, read one response as bytes, keep
+the connection. This module does only that, on asyncio protocols and the llhttp parser
+(``httptools``, the parser uvicorn uses). The WebSocket relay and the JWKS fetch still
+use the app's aiohttp session.
+
+One :class:`ConnectionPool` per upstream origin holds its idle keep-alive connections
+(most recently used first, closed after ``keepalive`` seconds idle). Closing a pool
+closes its idle connections at once and each busy one when its response is done, which
+is what a reload that removes an upstream does.
+
+Errors say what a retry may assume: :class:`ConnectFailed` (nothing reached the
+upstream), :class:`ConnectionBroken` (closed or reset before a complete response head:
+the request may have been seen), :class:`ReadTimeout`, :class:`InvalidResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterable
+from typing import Final, cast
+
+import httptools
+from yarl import URL
+
+__all__ = (
+    "ConnectFailed",
+    "ConnectTimeout",
+    "ConnectionBroken",
+    "ConnectionPool",
+    "InvalidResponse",
+    "ReadTimeout",
+    "UpstreamError",
+    "UpstreamResponse",
+)
+
+logger = logging.getLogger(__name__)
+
+KEEPALIVE: Final = 30.0  # seconds an idle upstream connection is kept
+MAX_IDLE: Final = 256  # idle connections kept per upstream; more are closed on release
+_HIGH_WATER: Final = 256 * 1024  # buffered response bytes above which reading from the upstream pauses
+_BODYLESS_STATUS: Final = frozenset({204, 304})
+
+
+class UpstreamError(Exception):
+    """A request to an upstream that did not get a complete answer."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection could be made: nothing reached the upstream, any request may go elsewhere."""
+
+
+class ConnectTimeout(ConnectFailed):
+    """The upstream did not accept a connection within the connect timeout."""
+
+
+class ConnectionBroken(UpstreamError):
+    """The connection closed or was reset before the response (head or body) was complete."""
+
+
+class ReadTimeout(UpstreamError):
+    """The upstream sent nothing for longer than the read timeout."""
+
+
+class InvalidResponse(UpstreamError):
+    """The upstream's bytes are not an HTTP/1.x response."""
+
+
+class ConnectionPool:
+    """Keep-alive HTTP/1.1 connections to one upstream origin (``http://host:port`` or https)."""
+
+    def __init__(self, origin: URL, *, keepalive: float = KEEPALIVE, max_idle: int = MAX_IDLE) -> None:
+        if origin.scheme not in ("http", "https") or not origin.host:
+            raise ValueError(f"not an http(s) origin: {origin}")
+        self.host = origin.host
+        self.port = origin.port or (443 if origin.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if origin.scheme == "https" else None
+        default_port = origin.is_default_port()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self._keepalive = keepalive
+        self._max_idle = max_idle
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response head is in; the body is read from
+        the response, which must be closed (``async with``) to give the connection back.
+
+        ``target`` is the path and query as sent on the request line; ``headers`` must not
+        carry Host, Content-Length or Transfer-Encoding: they are written from ``body``
+        (bytes: its length; a stream: ``content_length`` if known, else chunked).
+        """
+        if self.closed:
+            raise ConnectFailed(f"the connection pool of {self.host_header} is closed")
+        connection = self._idle_connection()
+        if connection is None:
+            connection = await self._connect(connect_timeout)
+        head = _request_head(method, target, self.host_header, headers, body, content_length)
+        return await connection.exchange(method, head, body, content_length is None, read_timeout)
+
+    def close(self) -> None:
+        """Close the idle connections now, and each busy one as soon as its response is done."""
+        self.closed = True
+        while self._idle:
+            self._idle.pop().close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _idle_connection(self) -> _Connection | None:
+        idle = self._idle
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to have been closed by the upstream
+            if connection.reusable:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, connect_timeout: float | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection = _Connection(self, loop)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await loop.create_connection(
+                    lambda: connection,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {self.host_header} within {connect_timeout:g}s") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectFailed(f"connecting to {self.host_header} failed: {exc}") from exc
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        """A connection whose response is complete: kept for the next request, or closed."""
+        if self.closed or not connection.reusable or len(self._idle) >= self._max_idle:
+            connection.close()
+            return
+        loop = connection.loop
+        connection.idle_since = loop.time()
+        self._idle.append(connection)
+        if self._sweep is None:
+            self._sweep = loop.call_at(connection.idle_since + self._keepalive, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections idle for longer than ``keepalive`` (the oldest are on the left)."""
+        self._sweep = None
+        idle = self._idle
+        if not idle:
+            return
+        loop = idle[0].loop
+        deadline = loop.time() - self._keepalive
+        while idle and idle[0].idle_since <= deadline:
+            idle.popleft().close()
+        if idle:
+            self._sweep = loop.call_at(idle[0].idle_since + self._keepalive, self._expire)
+
+
+def _request_head(
+    method: str,
+    target: str,
+    host: str,
+    headers: list[tuple[str, str]],
+    body: bytes | AsyncIterable[bytes] | None,
+    content_length: int | None,
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {host}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    if isinstance(body, bytes):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    elif body is not None:
+        lines.append(f"Content-Length: {content_length}\r\n" if content_length is not None else _CHUNKED)
+    elif method in _BODY_METHODS:
+        lines.append("Content-Length: 0\r\n")
+    lines.append("\r\n")
+    head = "".join(lines)
+    # One CR and one LF per line, and no others: a CR or LF inside a name, value or target
+    # would split the head into lines we did not write (header injection).
+    if head.count("\r") != len(lines) or head.count("\n") != len(lines):
+        raise ValueError("a CR or LF in the request line or a header")
+    return head.encode("utf-8", "surrogateescape")
+
+
+_CHUNKED: Final = "Transfer-Encoding: chunked\r\n"
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamResponse:
+    """A response head, and its body read with :meth:`read` or :meth:`readany`."""
+
+    __slots__ = ("_connection", "connection", "content_length", "headers", "reason", "status")
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self.status = connection.status
+        self.reason = connection.reason
+        self.headers = connection.headers  # (name, value) in the upstream's order and case, repeats kept
+        self.content_length = connection.content_length
+        self.connection = connection.connection  # the Connection header's value(s), "" if none
+
+    async def readany(self) -> bytes:
+        """The next piece of the body; ``b""`` once it is complete."""
+        return await self._connection.read_chunk()
+
+    async def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        chunks = []
+        while chunk := await self._connection.read_chunk():
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def close(self) -> None:
+        """Give the connection back if the response was read to its end, else close it."""
+        self._connection.finish()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one request at a time, its response parsed by llhttp."""
+
+    def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self._lost = False
+        self._busy = False
+        self._parser: httptools.HttpResponseParser | None = None
+        # the response being read
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.connection = ""  # the Connection header's value(s)
+        self._head_only = False  # a HEAD request: the head is the whole response
+        self._head: asyncio.Future[None] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._complete = False
+        self._keep_alive = False
+        self._chunked = False  # the response has a Transfer-Encoding (so its end is not the connection's)
+        self._body_unsent = False  # the request body was cut short: the connection cannot be reused
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._drain: asyncio.Future[None] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        return not self._lost and self.transport is not None and not self.transport.is_closing()
+
+    # --- the request ---------------------------------------------------------------------
+
+    async def exchange(
+        self,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
+        transport = self.transport
+        assert transport is not None and not self._busy
+        self._busy = True
+        self._start_response(method == "HEAD")
+        if read_timeout is not None:
+            self._timeout = read_timeout
+            self._last_read = self.loop.time()
+            self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_timeout)
+        head_future = self._head = self.loop.create_future()
+        try:
+            if isinstance(body, bytes):
+                transport.write(head + body if len(body) < 16384 else head)
+                if len(body) >= 16384:
+                    transport.write(body)
+            else:
+                transport.write(head)
+                if body is not None:
+                    await self._send_stream(body, chunked)
+            await head_future
+        except BaseException:
+            self.close()
+            self.finish()
+            raise
+        return UpstreamResponse(self)
+
+    async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        async for chunk in body:
+            if self._lost or self._head is None or self._head.done():
+                self._body_unsent = True  # the upstream answered (or went away) before taking the whole body
+                break
+            if chunked:
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            if self._drain is not None:
+                await self._drain
+        else:
+            if chunked and not self._lost:
+                transport.write(b"0\r\n\r\n")
+
+    def _start_response(self, head_only: bool) -> None:
+        self._parser = httptools.HttpResponseParser(self)  # a fresh one: after a HEAD, the old one expects a body
+        self.status = 0
+        self.reason = ""
+        self.headers = []
+        self.content_length = None
+        self.connection = ""
+        self._head_only = head_only
+        self._chunks.clear()
+        self._buffered = 0
+        self._complete = False
+        self._keep_alive = False
+        self._chunked = False
+        self._body_unsent = False
+        self._error = None
+
+    # --- the response body ---------------------------------------------------------------
+
+    async def read_chunk(self) -> bytes:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered < _HIGH_WATER // 2 and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self._complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            if self._timer is not None:
+                self._last_read = self.loop.time()  # the read timeout counts from when we start waiting
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def finish(self) -> None:
+        """The caller is done with the response: back to the pool if it was read to the end."""
+        if not self._busy:
+            return
+        self._busy = False
+        self._head = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._complete and self._keep_alive and not self._body_unsent and not self._chunks:
+            self._parser = None
+            self.pool._release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self._lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._complete:
+            self.close()  # bytes nobody asked for: the connection can no longer be trusted
+            return
+        if self._timer is not None:
+            self._last_read = self.loop.time()
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(InvalidResponse(f"invalid response from {self.pool.host_header}: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        self._lost = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        head_in = self.status != 0
+        if head_in and not self._complete and exc is None and self.content_length is None and not self._chunked:
+            self._message_complete()  # a body delimited by the end of the connection (RFC 9112 §6.3)
+        if not self._complete:
+            what = "response head" if self._head is not None and not self._head.done() else "response body"
+            reason = f": {exc}" if exc else ""
+            closed = f"{self.pool.host_header} closed the connection before the {what} ended{reason}"
+            self._fail(ConnectionBroken(closed))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    # --- llhttp callbacks ----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second response to one request: the connection is out of step
+            raise InvalidResponse(f"{self.pool.host_header} sent more than one response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        text = name.decode("utf-8", "surrogateescape")
+        self.headers.append((text, value.decode("utf-8", "surrogateescape")))
+        if len(name) == 14 and text.lower() == "content-length":
+            self.content_length = int(value)  # llhttp has checked it is one number
+        elif len(name) == 17 and text.lower() == "transfer-encoding":
+            self._chunked = True
+        elif len(name) == 10 and text.lower() == "connection":
+            tokens = value.decode("latin-1")
+            self.connection = f"{self.connection}, {tokens}" if self.connection else tokens
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # an interim response (103 Early Hints...): the real one follows
+            self.headers = []
+            self.reason = ""
+            self.content_length = None
+            self.connection = ""
+            return
+        self.status = status
+        self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        if self._head_only or status in _BODYLESS_STATUS:
+            self._message_complete()  # (a HEAD's Content-Length is that of the body a GET would get)
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._complete:
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:  # the end of an interim response
+            return
+        if not self._complete:
+            self._message_complete()
+
+    def _message_complete(self) -> None:
+        self._complete = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake()
+
+    # --- waking the reader ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+        self._wake()
+
+    def _check_timeout(self) -> None:
+        """The read timer: fires at most once per timeout period, however much data arrives."""
+        self._timer = None
+        if self._complete or not self._busy:
+            return
+        waiting = (self._head is not None and not self._head.done()) or self._waiter is not None
+        due = self._last_read + self._timeout
+        now = self.loop.time()
+        if waiting and now >= due:
+            self._fail(ReadTimeout(f"{self.pool.host_header} sent nothing for {self._timeout:g}s"))
+            self.close()
+            return
+        self._timer = self.loop.call_at(max(due, now + 0.001) if waiting else now + self._timeout, self._check_timeout)
