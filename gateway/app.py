@@ -22,6 +22,7 @@ from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
 
 from . import websocket
+from .access_log import LineBatcher
 from .chain import ChainDeps, build_route_handler
 from .config import GatewayConfig, Service
 from .metrics import METRICS, Metrics, refresh_in_background
@@ -57,11 +58,17 @@ KEYS = web.AppKey("keys", KeySource)
 STORE = web.AppKey("store", Store)
 
 
-def create_app(config: GatewayConfig, *, metrics: Metrics | None = None) -> web.Application:
+def create_app(
+    config: GatewayConfig, *, metrics: Metrics | None = None, access_log: LineBatcher | None = None
+) -> web.Application:
+    """The gateway app for ``config``. ``access_log`` takes the JSON access-log lines (the
+    server passes a batched stdout writer); without it they go to the ``gateway.access`` logger."""
     metrics = Metrics() if metrics is None else metrics
     app = web.Application(
         middlewares=[
-            RequestIdMiddleware(trusted_proxies=config.trusted_proxies, observe=metrics.observe),
+            RequestIdMiddleware(
+                trusted_proxies=config.trusted_proxies, observe=metrics.observe, access_sink=access_log
+            ),
             ProblemMiddleware(),
         ],
         handler_args={"max_field_size": 16 * 1024},
@@ -70,11 +77,17 @@ def create_app(config: GatewayConfig, *, metrics: Metrics | None = None) -> web.
     app[ROUTES] = RouteHolder()
     app[METRICS] = metrics
     metrics.add_source(functools.partial(_state_gauges, app))
+    if access_log is not None:
+        app.on_cleanup.append(lambda _app: _flushed(access_log))
     app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table, refresh_in_background])  # reverse teardown
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
     app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # every path, even one with an encoded newline
     return app
+
+
+async def _flushed(lines: LineBatcher) -> None:
+    lines.flush()
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:

@@ -27,6 +27,7 @@ __all__ = ("API_PREFIX", "TARGET", "Match", "RouteTable", "Target", "normalise_p
 API_PREFIX = "api"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%(..)?", re.DOTALL)
+_UNSAFE_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 _FORBIDDEN_ESCAPES = frozenset({"00", "0A", "0D", "2F", "5C"})
 _HEX = frozenset("0123456789ABCDEFabcdef")
 
@@ -43,11 +44,11 @@ def normalise_path(raw: str) -> tuple[list[str], bool]:
     """
     if not raw.startswith("/"):
         raise PathRejected("the request target must be an absolute path")
-    for char in raw:
-        if char < " " or char == "\x7f":
-            raise PathRejected("control characters are not allowed in the path")
-        if char == "\\":
+    bad = _UNSAFE_CHAR.search(raw)
+    if bad is not None:
+        if bad.group() == "\\":
             raise PathRejected("backslashes are not allowed in the path")
+        raise PathRejected("control characters are not allowed in the path")
     if "%" in raw:
         raw = _ESCAPE.sub(_normalise_escape, raw)
     segments: list[str] = []

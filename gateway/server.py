@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, reload
+from .access_log import LineBatcher
 from .admin import AdminState, create_admin_app
 from .app import create_app
 from .config import GatewayConfig
@@ -131,7 +132,7 @@ async def _serve(
     metrics_dir: str | None,
     watch: Path | None,
 ) -> None:
-    app = create_app(config, metrics=Metrics(multiprocess_dir=metrics_dir))
+    app = create_app(config, metrics=Metrics(multiprocess_dir=metrics_dir), access_log=LineBatcher(sys.stdout.buffer))
     reloader = reload.install(app, watch) if watch is not None else None
     state = AdminState()
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_timeout)

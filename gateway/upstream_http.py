@@ -334,7 +334,8 @@ class _Connection(asyncio.Protocol):
                 transport.write(b"0\r\n\r\n")
 
     def _start_response(self, head_only: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)  # a fresh one: after a HEAD, the old one expects a body
+        if self._parser is None:  # after a complete response the parser is ready for the next one
+            self._parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.reason = ""
         self.headers = []
@@ -382,7 +383,8 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self._complete and self._keep_alive and not self._body_unsent and not self._chunks:
-            self._parser = None
+            if self._head_only:
+                self._parser = None  # llhttp cannot be told a response had no body: it would wait for one
             self.pool._release(self)
         else:
             self.close()

