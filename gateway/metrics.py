@@ -97,6 +97,7 @@ class Metrics:
         r = self.registry
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[str, Any] = {}
+        self._cache_counters: dict[str, Any] = {}  # by X-Cache value
         self.requests = Counter("gateway_requests", "Requests answered", ["service", "method", "status"], registry=r)
         self.duration = Histogram(
             "gateway_request_duration_seconds", "Time from request to the end of the response", ["service"],
@@ -141,7 +142,10 @@ class Metrics:
         if outcome.service is not None and outcome.error is not None and status in _UPSTREAM_ERRORS:
             self.upstream_errors.labels(service=service).inc()
         if outcome.cache is not None:
-            self.cache.labels(result=outcome.cache.lower()).inc()
+            cache = self._cache_counters.get(outcome.cache)
+            if cache is None:
+                cache = self._cache_counters[outcome.cache] = self.cache.labels(outcome.cache.lower())
+            cache.inc()
         if status == 429:
             self.ratelimit_rejected.labels(service=service).inc()
 

@@ -20,7 +20,6 @@ the body as it came.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ class Keys:
     @staticmethod
     def digest(generations: Sequence[bytes | None], url: str, subject: str | None, varying: Sequence[str]) -> str:
         gens = [(g or b"0").decode() for g in generations]
-        return _digest(*gens, url, "" if subject is None else "sub:" + subject, json.dumps(varying))
+        return _digest(*gens, url, "" if subject is None else "sub:" + subject, orjson.dumps(varying).decode())
 
 
 def cache_control(values: Iterable[str]) -> dict[str, str]:
@@ -169,3 +168,29 @@ class Entry:
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+class DecodedEntries:
+    """Entries remembered by the stored bytes they were decoded from, so a hit on an entry
+    that has not changed does not parse its metadata and copy its body again. Bounded by
+    the total size of the bytes it holds; when full it starts over (stored bytes are
+    immutable, so a remembered entry is never out of date, only evicted)."""
+
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
+        self._entries: dict[bytes, Entry | None] = {}
+        self._size = 0
+        self._max = max_bytes
+
+    def decode(self, data: bytes) -> Entry | None:
+        try:
+            return self._entries[data]  # the memory store hands back the same object: found by identity
+        except KeyError:
+            pass
+        entry = Entry.decode(data)
+        if len(data) <= self._max // 16:
+            if self._size + len(data) > self._max:
+                self._entries.clear()
+                self._size = 0
+            self._entries[data] = entry
+            self._size += len(data)
+        return entry

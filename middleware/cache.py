@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from ._cache_key import Entry, Keys, cache_control, freshness, tags_of, vary_of
+from ._cache_key import DecodedEntries, Entry, Keys, cache_control, freshness, tags_of, vary_of
 from .base import BODY_TAP, CLAIMS, OUTCOME, Handler, Outcome, Store, StoreUnavailable, add_response_headers
 from .problem import Problem
 from .schema import Section
@@ -216,6 +216,7 @@ class CacheMiddleware:
         self._clock = clock
         self._lock_wait = lock_wait
         self._stale = max(config.stale_while_revalidate, config.stale_if_error)
+        self._entries = DecodedEntries()
         self._inflight: dict[str, asyncio.Future[_Filled | None]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -267,7 +268,7 @@ class CacheMiddleware:
         lookup = _Lookup(path, url, subject, [service_gen, path_gen], varying, "", None)
         lookup.digest = self._digest(request, lookup, varying)
         data = await self._store.get(keys.entry(lookup.digest))
-        lookup.entry = Entry.decode(data) if data is not None else None
+        lookup.entry = self._entries.decode(data) if data is not None else None
         return lookup
 
     def _digest(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
@@ -364,7 +365,7 @@ class CacheMiddleware:
             data = await self._store.get(self._keys.entry(lookup.digest))
         except StoreUnavailable:
             return None
-        entry = Entry.decode(data) if data is not None else None
+        entry = self._entries.decode(data) if data is not None else None
         return entry if entry is not None and entry.age_at(self._clock()) < entry.fresh else None
 
     async def _poll(self, request: web.Request, lookup: _Lookup) -> Entry | None:

@@ -13,7 +13,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
@@ -63,6 +62,24 @@ def is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
+class UtcMillis:
+    """The current UTC time as ISO 8601 with milliseconds (``2026-11-22T01:58:45.539Z``); the
+    date and time of day are formatted once per second (a datetime per line cost 4 µs)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        micros = round(self._clock() * 1_000_000)  # rounded to the microsecond first, as datetime does
+        second, millis = micros // 1_000_000, micros // 1000 % 1000
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{millis:03d}Z"
+
+
 def new_request_id() -> str:
     """32 random hex digits, like ``uuid4().hex`` without building a UUID (1.6 µs instead of 4.3, measured)."""
     return os.urandom(16).hex()
@@ -90,6 +107,7 @@ class RequestIdMiddleware:
         self._clock = clock
         self._observe = observe
         self._sink = access_sink if access_sink is not None else _to_logger
+        self._timestamp = UtcMillis()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = self._clock()
@@ -117,7 +135,7 @@ class RequestIdMiddleware:
 
     def _log(self, request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:
         line = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": self._timestamp(),
             "request_id": request[REQUEST_ID],
             "client": request[CLIENT_IP],
             "method": request.method,

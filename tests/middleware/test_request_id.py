@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp import web
 
 from middleware.base import CLIENT_IP
 from middleware.problem import Problem
-from middleware.request_id import RequestIdMiddleware, client_address
+from middleware.request_id import RequestIdMiddleware, UtcMillis, client_address
 
 from .conftest import MakeClient
 
@@ -109,3 +110,19 @@ async def test_client_address_is_on_the_request(aiohttp_client) -> None:  # type
     client = await aiohttp_client(app)
     response = await client.get("/", headers={"X-Forwarded-For": "203.0.113.9"})
     assert await response.text() == "203.0.113.9"
+
+
+@pytest.mark.parametrize("now", [0.0, 1795312725.0, 1795312725.539871, 1795312725.9999, 1795312799.001])
+def test_log_time_is_utc_iso_8601_with_milliseconds(now: float) -> None:
+    expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert UtcMillis(lambda: now)() == expected
+
+
+def test_log_time_follows_the_clock_across_seconds() -> None:
+    times = iter([10.5, 10.7, 11.2])
+    stamp = UtcMillis(lambda: next(times))
+    assert [stamp(), stamp(), stamp()] == [
+        "1970-01-01T00:00:10.500Z",
+        "1970-01-01T00:00:10.700Z",
+        "1970-01-01T00:00:11.200Z",
+    ]
