@@ -48,6 +48,7 @@ KEEPALIVE: Final = 30.0  # seconds an idle upstream connection is kept
 MAX_IDLE: Final = 256  # idle connections kept per upstream; more are closed on release
 _HIGH_WATER: Final = 256 * 1024  # buffered response bytes above which reading from the upstream pauses
 _BODYLESS_STATUS: Final = frozenset({204, 304})
+_MAX_HEAD: Final = 1024 * 1024  # response head bytes (interim responses included); aiohttp allowed 128 fields of 8 KiB
 
 
 class UpstreamError(Exception):
@@ -78,9 +79,10 @@ class ConnectionPool:
     """Keep-alive HTTP/1.1 connections to one upstream origin (``http://host:port`` or https)."""
 
     def __init__(self, origin: URL, *, keepalive: float = KEEPALIVE, max_idle: int = MAX_IDLE) -> None:
-        if origin.scheme not in ("http", "https") or not origin.host:
+        raw_host = origin.raw_host  # an internationalized name in its ASCII (IDNA) form, as Host and SNI need it
+        if origin.scheme not in ("http", "https") or not raw_host:
             raise ValueError(f"not an http(s) origin: {origin}")
-        self.host = origin.host
+        self.host = raw_host
         self.port = origin.port or (443 if origin.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if origin.scheme == "https" else None
         default_port = origin.is_default_port()
@@ -112,10 +114,11 @@ class ConnectionPool:
         """
         if self.closed:
             raise ConnectFailed(f"the connection pool of {self.host_header} is closed")
+        # (before taking a connection: a head refused here must not cost one)
+        head = _request_head(method, target, self.host_header, headers, body, content_length)
         connection = self._idle_connection()
         if connection is None:
             connection = await self._connect(connect_timeout)
-        head = _request_head(method, target, self.host_header, headers, body, content_length)
         return await connection.exchange(method, head, body, content_length is None, read_timeout)
 
     def close(self) -> None:
@@ -148,8 +151,9 @@ class ConnectionPool:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl is not None else None,
                 )
-        except TimeoutError:
-            raise ConnectTimeout(f"no connection to {self.host_header} within {connect_timeout:g}s") from None
+        except TimeoutError as exc:  # ours, or the kernel's (ETIMEDOUT) when connect_timeout is None or long
+            within = f"within {connect_timeout:g}s" if connect_timeout is not None else f"({exc})"
+            raise ConnectTimeout(f"no connection to {self.host_header} {within}") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"connecting to {self.host_header} failed: {exc}") from exc
         return connection
@@ -211,10 +215,11 @@ _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 class UpstreamResponse:
     """A response head, and its body read with :meth:`read` or :meth:`readany`."""
 
-    __slots__ = ("_connection", "connection", "content_length", "headers", "reason", "status")
+    __slots__ = ("_closed", "_connection", "connection", "content_length", "headers", "reason", "status")
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
+        self._closed = False
         self.status = connection.status
         self.reason = connection.reason
         self.headers = connection.headers  # (name, value) in the upstream's order and case, repeats kept
@@ -234,7 +239,9 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Give the connection back if the response was read to its end, else close it."""
-        self._connection.finish()
+        if not self._closed:  # once: the connection may be serving another request by a second close
+            self._closed = True
+            self._connection.finish()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -275,6 +282,7 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
         self._drain: asyncio.Future[None] | None = None
+        self._head_size = 0  # bytes received before the final response head was complete
 
     @property
     def reusable(self) -> bool:
@@ -294,10 +302,6 @@ class _Connection(asyncio.Protocol):
         assert transport is not None and not self._busy
         self._busy = True
         self._start_response(method == "HEAD")
-        if read_timeout is not None:
-            self._timeout = read_timeout
-            self._last_read = self.loop.time()
-            self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_timeout)
         head_future = self._head = self.loop.create_future()
         try:
             if isinstance(body, bytes):
@@ -308,6 +312,10 @@ class _Connection(asyncio.Protocol):
                 transport.write(head)
                 if body is not None:
                     await self._send_stream(body, chunked)
+            if read_timeout is not None:  # the upstream's time to answer counts once the request is sent
+                self._timeout = read_timeout
+                self._last_read = self.loop.time()
+                self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_timeout)
             await head_future
         except BaseException:
             self.close()
@@ -317,9 +325,10 @@ class _Connection(asyncio.Protocol):
 
     async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport
-        assert transport is not None
+        head = self._head
+        assert transport is not None and head is not None
         async for chunk in body:
-            if self._lost or self._head is None or self._head.done():
+            if self._lost or head.done():
                 self._body_unsent = True  # the upstream answered (or went away) before taking the whole body
                 break
             if chunked:
@@ -328,7 +337,10 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(chunk)
             if self._drain is not None:
-                await self._drain
+                await self._drain  # also ended by the response head, or a failure: see _wake_sender
+                if self._lost or head.done():
+                    self._body_unsent = True
+                    break
         else:
             if chunked and not self._lost:
                 transport.write(b"0\r\n\r\n")
@@ -349,6 +361,7 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         self._body_unsent = False
         self._error = None
+        self._head_size = 0
 
     # --- the response body ---------------------------------------------------------------
 
@@ -391,8 +404,14 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._lost = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                # Unsent request bytes (an upstream that answered, or failed, without taking the
+                # whole body): close() would wait for the upstream to read them, maybe forever.
+                transport.abort()
+            else:
+                transport.close()
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -414,6 +433,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(InvalidResponse(f"invalid response from {self.pool.host_header}: {exc}"))
             self.close()
+            return
+        if self.status == 0:  # llhttp keeps a head however long it gets: the limit is ours
+            self._head_size += len(data)
+            if self._head_size > _MAX_HEAD:
+                self._fail(InvalidResponse(f"{self.pool.host_header} sent a response head over {_MAX_HEAD} bytes"))
+                self.close()
 
     def eof_received(self) -> bool | None:
         self._lost = True
@@ -429,8 +454,7 @@ class _Connection(asyncio.Protocol):
             reason = f": {exc}" if exc else ""
             closed = f"{self.pool.host_header} closed the connection before the {what} ended{reason}"
             self._fail(ConnectionBroken(closed))
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._wake_sender()
 
     def pause_writing(self) -> None:
         if self._drain is None or self._drain.done():
@@ -444,13 +468,16 @@ class _Connection(asyncio.Protocol):
     # --- llhttp callbacks ----------------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        self.reason += status.decode("latin-1")  # in pieces when the status line is split across reads
 
     def on_message_begin(self) -> None:
         if self._complete:  # a second response to one request: the connection is out of step
             raise InvalidResponse(f"{self.pool.host_header} sent more than one response")
+        self.reason = ""
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a trailer field, after a chunked body: not part of the head the caller has
         text = name.decode("utf-8", "surrogateescape")
         self.headers.append((text, value.decode("utf-8", "surrogateescape")))
         if len(name) == 14 and text.lower() == "content-length":
@@ -478,6 +505,7 @@ class _Connection(asyncio.Protocol):
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
+            self._wake_sender()
 
     def on_body(self, body: bytes) -> None:
         if self._complete:
@@ -516,6 +544,13 @@ class _Connection(asyncio.Protocol):
         if head is not None and not head.done():
             head.set_exception(error)
         self._wake()
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """End a request body's wait for the upstream to take more: it has answered, or failed."""
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def _check_timeout(self) -> None:
         """The read timer: fires at most once per timeout period, however much data arrives."""

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.backends import BACKEND_STATE
 from tests.conftest import JWT_TEST_SECRET, GatewayClient, MakeGateway, upstream
+from tests.rawhttp import raw_request
 
 YAML = """
 jwt:
@@ -88,6 +89,22 @@ async def test_client_sent_claim_headers_never_reach_the_upstream(
     headers = _upstream_headers(backend)
     assert headers.get("x-user-id") in (None, "alice")
     assert headers.get("x-user-scopes") in (None, "svc:read")
+
+
+@pytest.mark.parametrize(
+    ("path", "claimed"),
+    [("/api/svc/echo/public/x", []), ("/api/svc/echo/any", ["alice"]), ("/api/svc/echo/private/x", ["alice"])],
+    ids=["auth none", "auth optional", "auth required"],
+)
+async def test_lower_case_client_sent_claim_headers_never_reach_the_upstream(
+    gateway: GatewayClient, backend: TestServer, path: str, claimed: list[str]
+) -> None:
+    spoofed = f"x-user-id: root\r\nx-user-scopes: svc:admin\r\nAuthorization: Bearer {token('alice')}\r\n"
+    response = await raw_request(gateway.server.port, path, headers=spoofed)  # the names go out as written
+    assert response.status == 200
+    seen = backend.app[BACKEND_STATE].requests[-1].headers  # every header, repeats kept, whatever their case
+    assert [value for name, value in seen if name.lower() == "x-user-id"] == claimed
+    assert [value for name, value in seen if name.lower() == "x-user-scopes"] == ["svc:read" for _ in claimed]
 
 
 async def test_optional_route_without_token_is_anonymous(gateway: GatewayClient, backend: TestServer) -> None:

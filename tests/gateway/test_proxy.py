@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from tests.backends import BACKEND_STATE, GZIP_BODY, echo_app
 from tests.conftest import GatewayClient, MakeGateway, free_port, upstream
+from tests.rawhttp import raw_request
+from tests.rawserver import RawServer, answering
 
 YAML = """
 defaults: {{auth: none, timeout: 1s, connect_timeout: 1s}}
@@ -146,6 +148,24 @@ async def test_request_hop_by_hop_headers_are_removed(gateway: GatewayClient) ->
     for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade"):
         assert name not in echoed, name
     assert echoed.get("connection", "keep-alive") == "keep-alive"  # aiohttp's own, to the upstream
+
+
+async def test_lower_case_hop_by_hop_headers_are_removed_both_ways(make_gateway: MakeGateway) -> None:
+    hop = "connection: x-private-hop\r\nx-private-hop: 1\r\nkeep-alive: 5\r\n"
+    upstream_response = f"HTTP/1.1 200 OK\r\n{hop}x-kept: yes\r\ncontent-length: 3\r\n\r\nhop".encode()
+    server = await RawServer(answering(lambda request: upstream_response)).start()
+    try:
+        client = await make_gateway(YAML, upstream=str(server.origin), trusted="10.0.0.0/8")
+        response = await raw_request(client.server.port, "/api/svc/x", headers=hop + "x-kept: yes\r\n")
+        assert (response.status, response.body) == (200, b"hop")
+        assert response.header("x-kept") == "yes"
+        assert response.header("x-private-hop") is None and response.header("keep-alive") is None
+        sent = {name.lower(): value for name, value in server.peers[0].requests[0].headers}
+        assert sent["x-kept"] == "yes"
+        assert "x-private-hop" not in sent and "keep-alive" not in sent
+        assert "x-private-hop" not in sent.get("connection", "").lower()
+    finally:
+        await server.close()
 
 
 async def test_many_response_headers_pass(gateway: GatewayClient) -> None:
