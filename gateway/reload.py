@@ -11,8 +11,9 @@ An invalid file changes nothing: the located errors are logged and shown on ``/c
 ``listen``, ``admin``, ``store``, ``trusted_proxies`` and ``limits.drain_timeout`` are bound
 to sockets, connections and the app-wide middleware made at startup: a change to them is
 reported (logged, and under ``pending_restart`` on ``/config``) and takes effect on the next
-start. Idle keep-alive connections to a removed upstream close after the client session's
-keep-alive timeout (30 s).
+start. The keep-alive connections of upstreams the new config no longer has (or of a
+service whose upstream list changed) are closed at the swap: idle ones at once, busy ones
+when their response is done.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(head)
                 if body is not None:
-                    await self._send_stream(body, chunked)
+                    await self._send_stream(body, chunked, read_timeout)
             if read_timeout is not None:  # the upstream's time to answer counts once the request is sent
                 self._timeout = read_timeout
                 self._last_read = self.loop.time()
@@ -323,7 +323,9 @@ class _Connection(asyncio.Protocol):
             raise
         return UpstreamResponse(self)
 
-    async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+    async def _send_stream(self, body: AsyncIterable[bytes], chunked: bool, stall: float | None) -> None:
+        """Write a streamed body; an upstream that takes none of it for ``stall`` seconds (the
+        route's read timeout) and does not answer either is given up on with ReadTimeout."""
         transport = self.transport
         head = self._head
         assert transport is not None and head is not None
@@ -337,7 +339,11 @@ class _Connection(asyncio.Protocol):
             else:
                 transport.write(chunk)
             if self._drain is not None:
-                await self._drain  # also ended by the response head, or a failure: see _wake_sender
+                try:
+                    async with asyncio.timeout(stall):
+                        await self._drain  # also ended by the response head, or a failure: see _wake_sender
+                except TimeoutError:
+                    raise ReadTimeout(f"{self.pool.host_header} took no request body for {stall:g}s") from None
                 if self._lost or head.done():
                     self._body_unsent = True
                     break

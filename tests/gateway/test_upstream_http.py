@@ -675,6 +675,27 @@ async def test_upstream_answering_without_reading_a_large_streamed_body_is_deliv
     await eventually(lambda: sock.fileno() == -1)  # closed, although the upstream never took the rest of the buffer
 
 
+async def test_upstream_that_takes_no_body_and_never_answers_is_a_read_timeout(
+    serve: Serve, make_pool: MakePool
+) -> None:
+    """The upload fills the socket buffers and the upstream neither reads nor answers: the
+    wait for it to take more is bounded by the read timeout, like the wait for an answer."""
+
+    async def handle(peer: Peer) -> None:
+        await peer.read_request(body=False)
+        await asyncio.Event().wait()  # never read again, never answer
+
+    async def large() -> AsyncIterator[bytes]:
+        chunk = b"x" * 65536
+        for _ in range(1024):  # 64 MiB: far more than the socket buffers hold
+            yield chunk
+
+    server = await serve(handle)
+    pool = make_pool(server)
+    with pytest.raises(ReadTimeout, match="took no request body"):
+        await within(pool.request("POST", "/upload", [], large(), read_timeout=0.5))
+
+
 # --- flow control --------------------------------------------------------------------------
 
 
