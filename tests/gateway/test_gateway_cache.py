@@ -22,7 +22,7 @@ from tests.conftest import JWT_TEST_SECRET, GatewayClient, MakeGateway, free_por
 from tests.gateway.cache_backend import CACHE_BACKEND, CacheBackend, cache_backend_app
 
 YAML = """
-store: {{url: "{store}", timeout: 0.5}}
+store: {{url: "{store}", timeout: 2s}}
 jwt: {{secret: "${{JWT_SECRET}}", claims_headers: {{sub: X-User-Id}}}}
 services:
   {name}:
@@ -368,7 +368,7 @@ async def test_uncached_route_has_no_cache_headers(make_gateway: MakeGateway, ca
 async def test_memory_store_bounds_the_cache_in_bytes(
     make_gateway: MakeGateway, cache_server: TestServer, name: str
 ) -> None:
-    text = YAML.replace('store: {{url: "{store}", timeout: 0.5}}', "store: {{url: memory://, max_memory: 64KiB}}")
+    text = YAML.replace('store: {{url: "{store}", timeout: 2s}}', "store: {{url: memory://, max_memory: 64KiB}}")
     client = await make_gateway(text, name=name, upstream=upstream(cache_server), auth="none", cache="{ttl: 30s}")
     urls = [f"/api/{name}/m{i}?size=10000" for i in range(20)]
     for url in urls:

@@ -57,7 +57,7 @@ async def store(request: pytest.FixtureRequest, store_kind: str, clock: FakeCloc
         store: Store = MemoryStore(1024 * 1024, clock=clock)
     else:
         # a generous timeout: these tests are about answers; the timeout tests use the default
-        config = StoreConfig(url=store_url(request, store_kind), timeout=0.5)
+        config = StoreConfig(url=store_url(request, store_kind), timeout=2.0)
         store = open_store(config, namespace=unique_namespace())
         await store.ping()  # as the gateway does on startup
     yield store
