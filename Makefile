@@ -28,9 +28,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway middleware examples tests bench
 	$(BIN)/mypy
 
+# The full run takes about 14 minutes; e.g. `make bench BENCH_ARGS="--targets issue8"` for a
+# subset, BENCH_ARGS=--quick for a smoke test (see bench/README.md).
+BENCH_ARGS ?=
 bench: $(STAMP)
 	bash bench/setup.sh
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Tests start their own redis-server processes on free ports; this only makes sure the
 # binary is there (Debian package).

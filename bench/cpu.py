@@ -17,11 +17,17 @@ def _proc_stat(pid: int) -> list[str] | None:
     return raw[raw.rindex(")") + 2 :].split()
 
 
-def descendants(root: int) -> list[int]:
+def process_children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from one scan of /proc (share it when reading many trees)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))):
             parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    return parents
+
+
+def descendants(root: int, parents: dict[int, list[int]] | None = None) -> list[int]:
+    parents = process_children() if parents is None else parents
     found, todo = [], [root]
     while todo:
         children = parents.get(todo.pop(), [])
@@ -30,10 +36,11 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """utime+stime of a process and its descendants, plus children they already reaped."""
+def tree_cpu_seconds(root: int, parents: dict[int, list[int]] | None = None) -> float:
+    """utime+stime of a process and its descendants (``--workers`` forks, nginx workers), plus
+    children they already reaped. ``parents``: a :func:`process_children` scan to reuse."""
     ticks = 0
-    for pid in (root, *descendants(root)):
+    for pid in (root, *descendants(root, parents)):
         if fields := _proc_stat(pid):
             ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return ticks / os.sysconf("SC_CLK_TCK")

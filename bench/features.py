@@ -18,6 +18,12 @@ added, so its cost is read against the ``gateway`` row of the same run:
   request after the first is a hit, or (with ``Cache-Control: no-cache`` sent by wrk) goes to
   the upstream and stores its answer again: the miss path. ``direct`` is nginx serving the same
   body statically.
+* ``gateway-full-chain`` (issue 8): all three at once, as a protected, limited, cached API
+  would run: HS256 ``auth: required``, the never-rejecting limit and ``cache: {ttl: 1h}``, the
+  store (limit counters and cache entries) on a ``redis-server`` started here. wrk runs
+  ``unique_query.lua``: every request has a query string never sent before, so each one is
+  a true cache miss (lookup, fill lock, upstream request, entry stored in Redis).
+  ``gateway-full-chain-asyncio`` is the same on the asyncio event loop.
 
 JWT tokens are minted with pyjwt and the RSA key made with cryptography (both are the
 gateway's own dependencies), so run this with the venv's python.
@@ -33,6 +39,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from servers import (
@@ -119,16 +127,16 @@ def redis_command(argv: list[str], port: int) -> bytes:
     return reply.strip()
 
 
-def start_redis(port: int, work: Path, stack: contextlib.ExitStack) -> Server:
+def start_redis(port: int, work: Path, stack: contextlib.ExitStack, name: str = "redis") -> Server:
     """A throwaway redis-server: no persistence, pinned like the backend, answering PING."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise BenchError("no redis-server: run `bash bench/setup.sh` first")
-    data = work / "redis"
+    data = work / name
     data.mkdir(exist_ok=True)
     argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
             "--dir", str(data), "--protected-mode", "no"]  # fmt: skip
-    server = start("redis", argv, LOAD_CPU, work, stack)
+    server = start(name, argv, LOAD_CPU, work, stack)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
@@ -203,7 +211,66 @@ def start_gateway_cache_miss(port: int, backend: int, work: Path, stack: context
     return _cached_target("gateway-cache-miss", ("Cache-Control: no-cache",), port, backend, work, stack)
 
 
+# --- the full chain (issue 8) ------------------------------------------------------------------
+
+
+def _get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=5) as response:
+            response.read()
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def _check_full_chain(target: Target, token: str, redis_port: int) -> None:
+    """Before measuring: no token is a 401, a new URL is a limited MISS, the same URL again a
+    HIT (so the miss stored its entry), and Redis holds keys."""
+    probe = f"{target.url}?bench=probe-{secrets.token_hex(4)}"
+    auth = {"Authorization": f"Bearer {token}"}
+    anonymous, _ = _get(probe, {})
+    first_status, first = _get(probe, auth)
+    second_status, second = _get(probe, auth)
+    seen = (anonymous, first_status, first.get("X-Cache"), RATE_LIMIT_HEADER in first, second.get("X-Cache"))
+    if seen != (401, 200, "MISS", True, "HIT") or second_status != 200:
+        raise BenchError(
+            f"{target.name} is not the full chain: without a token {anonymous}, a new URL {first_status}"
+            f" X-Cache {first.get('X-Cache')} (rate-limit header: {RATE_LIMIT_HEADER in first}), the same URL"
+            f" again {second_status} X-Cache {second.get('X-Cache')}; log:\n{target.server.log_tail()}"
+        )
+    if redis_command(["DBSIZE"], redis_port) in (b":0", b""):
+        raise BenchError(f"{target.name} answered, but Redis holds no key")
+
+
+def _full_chain(name: str, loop: str, port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    redis_port = free_port()
+    redis = start_redis(redis_port, work, stack, name=f"redis-{name}")
+    secret = secrets.token_hex(32)
+    token = _token(secret.encode(), "HS256")
+    routes = plain_routes(port, backend, defaults=f"auth: required, {RATE_LIMIT}, cache: {{ttl: 1h}}")
+    routes += f"jwt: {{algorithms: [HS256], secret: {secret}}}\n"
+    routes += f"store: {{url: 'redis://127.0.0.1:{redis_port}/0', on_error: deny, timeout: 1s}}\n"  # as rl-redis
+    server = start_gateway_with(name, routes, port, work, stack, loop=loop)
+    target = Target(name, f"http://127.0.0.1:{port}{GATEWAY_PATH}", server, headers=(f"Authorization: Bearer {token}",),
+                    helpers=(redis,), unique_query=True, loop=loop)  # fmt: skip
+    wait_ready(server, target.url, payload(), headers=target.headers, must_have=(RATE_LIMIT_HEADER, "X-Cache"))
+    _check_full_chain(target, token, redis_port)
+    return target
+
+
+def start_gateway_full_chain(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """HS256 auth required + rate limit on Redis + cache on Redis, every request a miss."""
+    return _full_chain("gateway-full-chain", "", port, backend, work, stack)
+
+
+def start_gateway_full_chain_asyncio(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    return _full_chain("gateway-full-chain-asyncio", "asyncio", port, backend, work, stack)
+
+
 STARTERS: dict[str, StartFn] = {
+    "gateway-full-chain": start_gateway_full_chain,
+    "gateway-full-chain-asyncio": start_gateway_full_chain_asyncio,
     "gateway-jwt-hs256": start_gateway_jwt_hs256,
     "gateway-jwt-rs256-nocache": start_gateway_jwt_rs256_nocache,
     "gateway-jwt-rs256": start_gateway_jwt_rs256,

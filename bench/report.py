@@ -1,4 +1,4 @@
-"""Medians, the markdown tables, the machine description and the README results section."""
+"""Medians, the markdown tables, the issue 8 checks, the machine description and the README sections."""
 
 from __future__ import annotations
 
@@ -23,72 +23,92 @@ class Sample:
     p50_ms: float
     p99_ms: float
     cpu_us: float  # CPU time of the server under test per request, in microseconds
-    single_p50_ms: float
-    single_p99_ms: float
+    single_p50_ms: float | None  # the 1-connection run, for the targets that have one
+    single_p99_ms: float | None
     other_load_pct: float  # share of the load core's time spent on work not ours (other processes, steal), %
     other_server_pct: float  # the same for the server core
     errors: int
+    mb_s: float | None = None  # response bodies, MB/s (10^6 bytes), for the large-body targets
 
 
 def median(samples: list[Sample]) -> Sample:
     def mid(field: str) -> float:
         return float(statistics.median(getattr(s, field) for s in samples))
 
+    def maybe(field: str) -> float | None:
+        values = [getattr(s, field) for s in samples]
+        return None if None in values else float(statistics.median(values))
+
     return Sample(
         rps=mid("rps"),
         p50_ms=mid("p50_ms"),
         p99_ms=mid("p99_ms"),
         cpu_us=mid("cpu_us"),
-        single_p50_ms=mid("single_p50_ms"),
-        single_p99_ms=mid("single_p99_ms"),
+        single_p50_ms=maybe("single_p50_ms"),
+        single_p99_ms=maybe("single_p99_ms"),
         other_load_pct=mid("other_load_pct"),
         other_server_pct=mid("other_server_pct"),
         errors=sum(s.errors for s in samples),
+        mb_s=maybe("mb_s"),
     )
+
+
+def _opt(value: float | None, spec: str = ".2f") -> str:
+    return "" if value is None else format(value, spec)
 
 
 def progress_line(label: str, target: str, s: Sample) -> str:
+    single = f"  @1 conn p50 {s.single_p50_ms:5.2f} ms" if s.single_p50_ms is not None else ""
+    mb_s = f"  {s.mb_s:7,.0f} MB/s" if s.mb_s is not None else ""
     return (
-        f"{label} {target:<14} {s.rps:>9,.0f} rps  p50 {s.p50_ms:6.2f} ms  p99 {s.p99_ms:6.2f} ms"
-        f"  {s.cpu_us:6.1f} µs/req  @1 conn p50 {s.single_p50_ms:5.2f} ms"
-        f"  other {s.other_load_pct:.0f}%/{s.other_server_pct:.0f}%  errors {s.errors}"
+        f"{label} {target:<26} {s.rps:>9,.0f} rps{mb_s}  p50 {s.p50_ms:6.2f} ms  p99 {s.p99_ms:6.2f} ms"
+        f"  {s.cpu_us:7.1f} µs/req{single}  other {s.other_load_pct:.0f}%/{s.other_server_pct:.0f}%"
+        f"  errors {s.errors}"
     )
+
+
+def _saturates_server_core(name: str) -> bool:
+    """The aiohttp rows: nginx (direct or proxying) is bound by CPU 0; workers-2 spans both cores."""
+    return not name.startswith(("direct", "nginx-proxy")) and name != "gateway-workers-2"
 
 
 def noise_note(samples: dict[str, list[Sample]]) -> str:
     """One honest line on how shared the machine was while the aiohttp rows ran.
 
-    They saturate CPU 1, so that core's foreign share is what disturbs them; CPU 0 idles
-    at their rates and foreign work fills it without slowing them down."""
-    server = sorted(s.other_server_pct for name, runs in samples.items() if name not in ("direct", "nginx-proxy")
-                    for s in runs)  # fmt: skip
-    if not server:
+    They saturate CPU 1, so that core's foreign share is what disturbs them most. CPU 0
+    (wrk, the backend, Redis) idles at their rates and foreign work mostly fills that idle
+    time, but at a high share it also delays the load generator."""
+    rows = [s for name, runs in samples.items() if _saturates_server_core(name) for s in runs]
+    if not rows:
         return ""
-    median_pct = server[len(server) // 2]
+    server = sorted(s.other_server_pct for s in rows)
+    load = sorted(s.other_load_pct for s in rows)
+    median_server, median_load = server[len(server) // 2], load[len(load) // 2]
     verdict = (
         "the machine was shared (another session's work, hypervisor steal): absolute figures are low and move"
         " between rounds, so compare rows of this run with each other, by ratio and CPU µs/req"
-        if median_pct > 10
+        if median_server > 10 or median_load > 50
         else "the machine was quiet enough for the absolute figures to mean something"
     )
     return (
-        f"Noise: work not ours took {server[0]:.0f} to {server[-1]:.0f}% (median {median_pct:.0f}%) of CPU 1, the core"
-        f" the aiohttp proxies saturate, across their measured runs; {verdict}."
+        f"Noise: work not ours took {server[0]:.0f} to {server[-1]:.0f}% (median {median_server:.0f}%) of CPU 1, the"
+        f" core the aiohttp proxies saturate, across their measured runs, and {load[0]:.0f} to {load[-1]:.0f}%"
+        f" (median {median_load:.0f}%) of CPU 0, the load core; {verdict}."
     )
 
 
 def results_table(samples: dict[str, list[Sample]]) -> str:
     lines = [
-        "| target | rps | p50 ms | p99 ms | CPU µs/req | p50 ms @1 conn | p99 ms @1 conn | rps per round"
+        "| target | rps | MB/s | p50 ms | p99 ms | CPU µs/req | p50 ms @1 conn | p99 ms @1 conn | rps per round"
         " | other load % CPU 0 / 1 | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for name, runs in samples.items():
         m = median(runs)
         per_round = " / ".join(f"{s.rps:,.0f}" for s in runs)
         lines.append(
-            f"| {name} | {m.rps:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.cpu_us:.1f} "
-            f"| {m.single_p50_ms:.2f} | {m.single_p99_ms:.2f} | {per_round} "
+            f"| {name} | {m.rps:,.0f} | {_opt(m.mb_s, ',.0f')} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.cpu_us:.1f} "
+            f"| {_opt(m.single_p50_ms)} | {_opt(m.single_p99_ms)} | {per_round} "
             f"| {m.other_load_pct:.0f} / {m.other_server_pct:.0f} | {m.errors} |"
         )
     return "\n".join(lines)
@@ -111,8 +131,15 @@ def ratios_table(samples: dict[str, list[Sample]], subject: str = "gateway") -> 
 
 
 FEATURES = {  # README section title -> the targets that are the plain gateway plus that feature
+    "Full chain (issue 8) and its parts": (
+        "gateway-jwt-hs256",
+        "gateway-rl-redis",
+        "gateway-cache-miss",
+        "gateway-full-chain",
+    ),
     "JWT verification (issue 3.7)": ("gateway-jwt-hs256", "gateway-jwt-rs256-nocache", "gateway-jwt-rs256"),
     "Rate limit (issue 4.7)": ("gateway-rl-memory", "gateway-rl-redis"),
+    "Cache (issue 5.7)": ("gateway-cache-miss", "gateway-cache-hit"),
 }
 
 
@@ -126,17 +153,200 @@ def feature_table(samples: dict[str, list[Sample]], names: tuple[str, ...], base
         f"| target | rps | throughput cost vs `{base}` | CPU µs/req | added CPU µs/req | p99 ms | p50 ms @1 conn"
         " | rps per round | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
-        f"| {base} | {plain.rps:,.0f} | | {plain.cpu_us:.1f} | | {plain.p99_ms:.2f} | {plain.single_p50_ms:.2f}"
+        f"| {base} | {plain.rps:,.0f} | | {plain.cpu_us:.1f} | | {plain.p99_ms:.2f} | {_opt(plain.single_p50_ms)}"
         f" | {' / '.join(f'{s.rps:,.0f}' for s in samples[base])} | {plain.errors} |",
     ]
     for name in present:
         m = median(samples[name])
         lines.append(
             f"| {name} | {m.rps:,.0f} | {(1 - m.rps / plain.rps) * 100:.0f}% | {m.cpu_us:.1f}"
-            f" | {m.cpu_us - plain.cpu_us:+.1f} | {m.p99_ms:.2f} | {m.single_p50_ms:.2f}"
+            f" | {m.cpu_us - plain.cpu_us:+.1f} | {m.p99_ms:.2f} | {_opt(m.single_p50_ms)}"
             f" | {' / '.join(f'{s.rps:,.0f}' for s in samples[name])} | {m.errors} |"
         )
     return "\n".join(lines)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def feature_verdicts(samples: dict[str, list[Sample]], title: str) -> str:
+    """The issue's own target for a feature section, when the run has what it needs."""
+    m = {name: median(runs) for name, runs in samples.items()}
+    if title.startswith("Rate limit") and {"gateway", "gateway-rl-redis"} <= m.keys():
+        cost = 1 - m["gateway-rl-redis"].rps / m["gateway"].rps
+        verdict = _met(cost < 0.25)
+        return f"Redis-backed limit: {cost * 100:.0f}% of the plain gateway's throughput (target < 25%: {verdict})."
+    if title.startswith("Cache") and {"gateway-cache-hit", "gateway-cache-miss"} <= m.keys():
+        hit, miss = m["gateway-cache-hit"], m["gateway-cache-miss"]
+        verdict = _met(hit.rps >= 3 * miss.rps)
+        text = f"Cache hit / miss: {hit.rps / miss.rps:.2f}x the throughput (target ≥ 3x: {verdict})"
+        if "direct" in m:
+            text += f"; a hit is {hit.rps / m['direct'].rps:.2f}x nginx serving the body statically (`direct`)"
+        return text + "."
+    return ""
+
+
+# --- issue 8 --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One issue 8 target: what was compared, the value, the goal and whether it was met."""
+
+    goal: str
+    compared: str  # the figures the value comes from
+    value: str
+    target: str
+    passed: bool | None  # None: not measured in this run
+    by_cpu: str = ""  # the same comparison by CPU µs per request (reference ÷ ours: above 1 is better)
+
+    def row(self) -> str:
+        verdict = "not measured" if self.passed is None else _met(self.passed)
+        return f"| {self.goal} | {self.compared} | {self.value} | {self.target} | {self.by_cpu} | {verdict} |"
+
+
+@dataclass(frozen=True)
+class WsFigures:
+    """What ``ws_bench.py`` measured, as the issue 8 checks need it."""
+
+    relay: dict[str, tuple[float, float]]  # target -> (round trips/s, CPU µs per round trip), medians
+    idle_kib: dict[str, float]  # "gateway, idle WebSocket" / "gateway, idle keep-alive HTTP" -> KiB each
+
+
+def _higher(goal: str, m: dict[str, Sample], ours: str, ref: str, minimum: float, unit: str = "rps") -> Check:
+    """Throughput (``rps`` or ``MB/s``): ours over the reference's, at least ``minimum``."""
+    target = f"≥ {minimum:.2f}x"
+    if ours not in m or ref not in m:
+        return Check(goal, f"`{ours}` / `{ref}`", "", target, None)
+    a, b = m[ours], m[ref]
+    va, vb = (a.mb_s or 0.0, b.mb_s or 0.0) if unit == "MB/s" else (a.rps, b.rps)
+    ratio = va / vb if vb else 0.0
+    return Check(goal, f"`{ours}` {va:,.0f} / `{ref}` {vb:,.0f} {unit}", f"{ratio:.2f}x", target,
+                 ratio >= minimum, f"{b.cpu_us / a.cpu_us:.2f}x")  # fmt: skip
+
+
+def issue8_checks(samples: dict[str, list[Sample]], ws: WsFigures | None) -> list[Check]:
+    m = {name: median(runs) for name, runs in samples.items()}
+    checks = [
+        _higher("plain proxied GET", m, "gateway", "minimal-proxy", 1.25),
+        _higher("full chain (HS256 + Redis limit + cache miss)", m, "gateway-full-chain", "minimal-proxy", 1.0),
+        _higher("cache hit", m, "gateway-cache-hit", "minimal-proxy", 3.0),
+    ]
+    goal = "p99 at 64 connections"
+    if {"gateway", "minimal-proxy"} <= m.keys():
+        ours, ref = m["gateway"].p99_ms, m["minimal-proxy"].p99_ms
+        checks.append(Check(goal, f"`gateway` {ours:.2f} / `minimal-proxy` {ref:.2f} ms", f"{ours / ref:.2f}x",
+                            "≤ 1.00x", ours <= ref))  # fmt: skip
+    else:
+        checks.append(Check(goal, "`gateway` / `minimal-proxy`", "", "≤ 1.00x", None))
+    goal = "added p50 at 1 connection, over `direct`"
+    singles = {name: m[name].single_p50_ms for name in ("direct", "minimal-proxy", "gateway") if name in m}
+    direct, gateway = singles.get("direct"), singles.get("gateway")
+    if direct is not None and gateway is not None:
+        minimal = singles.get("minimal-proxy")
+        also = f"; `minimal-proxy` adds {minimal - direct:.2f}" if minimal is not None else ""
+        added = gateway - direct
+        checks.append(Check(goal, f"`gateway` {gateway:.2f} minus `direct` {direct:.2f} ms{also}", f"{added:.2f} ms",
+                            "≤ 0.50 ms", added <= 0.5))  # fmt: skip
+    else:
+        checks.append(Check(goal, "`gateway` minus `direct`", "", "≤ 0.50 ms", None))
+    checks.append(_higher("1 MiB bodies", m, "gateway-1mib", "minimal-proxy-1mib", 1.1, "MB/s"))
+    goal, target = "WebSocket relay round trips", "≥ 1.00x"
+    relay = ws.relay if ws else {}
+    if {"ws-gateway", "ws-minimal"} <= relay.keys():
+        (ours_rate, ours_cpu), (ref_rate, ref_cpu) = relay["ws-gateway"], relay["ws-minimal"]
+        checks.append(Check(goal, f"`ws-gateway` {ours_rate:,.0f} / `ws-minimal` {ref_rate:,.0f} round trips/s",
+                            f"{ours_rate / ref_rate:.2f}x", target, ours_rate >= ref_rate,
+                            f"{ref_cpu / ours_cpu:.2f}x"))  # fmt: skip
+    else:
+        checks.append(Check(goal, "`ws-gateway` / `ws-minimal`", "", target, None))
+    idle = ws.idle_kib if ws else {}
+    for what, limit in (("gateway, idle keep-alive HTTP", 10.0), ("gateway, idle WebSocket", 40.0)):
+        goal = f"memory per {what.removeprefix('gateway, ')} connection"
+        kib = idle.get(what)
+        value = "" if kib is None else f"{kib:.2f} KiB"
+        checks.append(Check(goal, f"`idle-memory`: {what}", value, f"≤ {limit:.0f} KiB",
+                            None if kib is None else kib <= limit))  # fmt: skip
+    return checks
+
+
+def issue8_table(checks: list[Check]) -> str:
+    lines = [
+        "| issue 8.2 target | compared (medians) | measured | target | by CPU µs/req | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+        *(check.row() for check in checks),
+    ]
+    met = sum(1 for c in checks if c.passed)
+    measured = sum(1 for c in checks if c.passed is not None)
+    return "\n".join(lines) + f"\n\n{met} of {measured} measured targets met."
+
+
+LOOP_PAIRS = (  # default loop (uvloop when installed) -> the same target forced onto asyncio
+    ("minimal-proxy", "minimal-proxy-asyncio"),
+    ("gateway", "gateway-asyncio"),
+    ("gateway-full-chain", "gateway-full-chain-asyncio"),
+)
+
+
+def loops_table(samples: dict[str, list[Sample]], loops: dict[str, str]) -> str:
+    """Issue 8.3: each configuration on its default loop and on asyncio, in the same rounds.
+
+    Two verdicts: by rps, and by CPU µs/req, which a busy machine disturbs less (they agree
+    on a quiet one, where the pinned server's core is the bottleneck)."""
+    m = {name: median(runs) for name, runs in samples.items()}
+    lines = [
+        "| configuration | default loop | rps | CPU µs/req | p99 ms | forced onto | rps | CPU µs/req | p99 ms"
+        " | rps default / other | CPU default / other | faster by rps | cheaper by CPU |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for default, other in LOOP_PAIRS:
+        if default in m and other in m:
+            a, b = m[default], m[other]
+            mine, theirs = loops.get(default, "?"), loops.get(other, "?")
+            lines.append(
+                f"| {default} | {mine} | {a.rps:,.0f} | {a.cpu_us:.1f} | {a.p99_ms:.2f}"
+                f" | {theirs} | {b.rps:,.0f} | {b.cpu_us:.1f} | {b.p99_ms:.2f} | {a.rps / b.rps:.2f}x"
+                f" | {a.cpu_us / b.cpu_us:.2f}x | {mine if a.rps >= b.rps else theirs}"
+                f" | {mine if a.cpu_us <= b.cpu_us else theirs} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+WORKERS = (  # target -> (workers, the cores it may use)
+    ("gateway", 1, "1"),
+    ("gateway-workers-2-cpu1", 2, "1"),
+    ("gateway-workers-2", 2, "0 and 1 (0 shared with wrk and the backend)"),
+)
+
+
+def workers_table(samples: dict[str, list[Sample]]) -> str:
+    """Issue 8.3: ``--workers`` scaling; CPU µs/req is summed over every worker process."""
+    m = {name: median(runs) for name, runs in samples.items()}
+    if "gateway" not in m or not any(name in m for name, _, _ in WORKERS[1:]):
+        return ""
+    base = m["gateway"]
+    lines = [
+        "| target | workers | CPUs | rps | rps vs 1 worker | CPU µs/req, all workers | CPU vs 1 worker | p99 ms"
+        " | other load % CPU 0 / 1 |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, workers, cpus in WORKERS:
+        if name in m:
+            s = m[name]
+            lines.append(
+                f"| {name} | {workers} | {cpus} | {s.rps:,.0f} | {s.rps / base.rps:.2f}x | {s.cpu_us:.1f}"
+                f" | {s.cpu_us / base.cpu_us:.2f}x | {s.p99_ms:.2f}"
+                f" | {s.other_load_pct:.0f} / {s.other_server_pct:.0f} |"
+            )
+    rising = [f"`{n}` (+{(m[n].cpu_us / base.cpu_us - 1) * 100:.0f}%)" for n, _, _ in WORKERS[1:]
+              if n in m and m[n].cpu_us > base.cpu_us]  # fmt: skip
+    verdict = (
+        f"CPU µs per request rose with workers: {', '.join(rising)} (target: must not rise; **missed**)"
+        if rising
+        else "CPU µs per request did not rise with workers (target: must not rise; met)"
+    )
+    return "\n".join(lines) + f"\n\n{verdict}."
 
 
 def _version(package: str) -> str:
@@ -164,23 +374,23 @@ def cpu_model() -> str:
     return "?"
 
 
-def loops_used(logs: dict[str, str]) -> str:
-    """Which event loop each aiohttp server says it runs on, from its startup log."""
-    used = []
-    for name, text in logs.items():
-        loop = "uvloop" if "uvloop" in text else "asyncio" if "asyncio" in text else "not stated in its log"
-        used.append(f"{name}: {loop}")
-    return "; ".join(used)
+def loops_used(loops: dict[str, str]) -> str:
+    """Which event loop each aiohttp server said it runs on in its startup log, grouped by loop."""
+    by_loop: dict[str, list[str]] = {}
+    for name, loop in loops.items():
+        if loop:  # nginx says nothing
+            by_loop.setdefault(loop, []).append(name)
+    return "; ".join(f"{loop}: {', '.join(names)}" for loop, names in by_loop.items())
 
 
-def environment(plan: str, logs: dict[str, str]) -> list[str]:
+def environment(plan: str, loops: dict[str, str]) -> list[str]:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [
         f"- date: {now}",
         f"- `uname -a`: `{_first_line(['uname', '-a'])}`",
         f"- CPU: {cpu_model()}",
         f"- python {sys.version.split()[0]}, aiohttp {_version('aiohttp')}, uvloop {_version('uvloop')}"
-        + (f" (event loop used: {loops_used(logs)})" if logs else ""),
+        + (f" (event loop each server used, from its log: {loops_used(loops)})" if loops_used(loops) else ""),
         f"- {_first_line(['nginx', '-v'])}, {_first_line(['wrk', '-v']).partition(' Copyright')[0]}",
         f"- {plan}",
     ]
@@ -207,10 +417,15 @@ def rl_costs_table(costs: dict[str, float]) -> str:
 
 
 def results_section(
-    samples: dict[str, list[Sample]], plan: str, logs: dict[str, str], costs: dict[str, dict[str, float]] | None = None
+    samples: dict[str, list[Sample]],
+    plan: str,
+    loops: dict[str, str],
+    costs: dict[str, dict[str, float]] | None = None,
+    ws: WsFigures | None = None,
 ) -> str:
-    """The README results section; ``plan`` says what was run, ``logs`` are the proxies' logs,
-    ``costs`` what ``jwt_verify.py`` / ``rl_verify.py`` measured in process, by script."""
+    """The README results section; ``plan`` says what was run, ``loops`` which event loop each
+    server used, ``costs`` what ``jwt_verify.py`` / ``rl_verify.py`` measured in process, by
+    script, and ``ws`` the WebSocket figures of the same run (for the issue 8 checks)."""
     costs = costs or {}
     in_process = {  # feature target -> (script, note, table)
         "gateway-jwt-rs256": ("jwt_verify.py", "In process (`jwt_verify.py`, pinned to CPU 1, no sockets):",
@@ -218,16 +433,23 @@ def results_section(
         "gateway-rl-redis": ("rl_verify.py", "In process (`rl_verify.py`, pinned to CPU 1, 64 concurrent callers,"
                              " Redis on CPU 0):", rl_costs_table),
     }  # fmt: skip
-    parts = ["### Latest results", "", *environment(plan, logs)]
+    parts = ["### Latest results", "", *environment(plan, loops)]
     if samples:
         parts += ["", results_table(samples), "", noise_note(samples)]
+    parts += ["", "#### Issue 8 targets (ratios of this run's medians)", "", issue8_table(issue8_checks(samples, ws))]
+    if table := loops_table(samples, loops):
+        parts += ["", "#### uvloop and asyncio (issue 8.3)", "", table]
+    if table := workers_table(samples):
+        parts += ["", "#### `--workers` (issue 8.3)", "", table]
     if ratios := ratios_table(samples):
-        parts += ["", ratios]
+        parts += ["", "#### The gateway against the references", "", ratios]
     for title, names in FEATURES.items():
         if table := feature_table(samples, names):
             parts += ["", f"#### {title}", "", table]
+            if verdict := feature_verdicts(samples, title):
+                parts += ["", verdict]
             for target, (script, note, render) in in_process.items():
-                if target in names and script in costs:
+                if target in names and script in costs and not title.startswith("Full chain"):
                     parts += ["", note, "", render(costs[script])]
     return "\n".join(parts) + "\n"
 

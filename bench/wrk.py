@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from servers import LOAD_CPU, BenchError
+from servers import BENCH_DIR, LOAD_CPU, BenchError
+
+UNIQUE_QUERY = BENCH_DIR / "unique_query.lua"  # a new query string on every request (cache misses)
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,17 @@ def parse_wrk(text: str) -> WrkResult:
     return WrkResult(requests, rps, _percentile_ms(50, text), _percentile_ms(99, text), errors)
 
 
-def wrk(url: str, connections: int, seconds: int, headers: Sequence[str] = ()) -> WrkResult:
-    """``wrk -t1 -c<connections> -d<seconds>s --latency [-H header]...`` pinned to the load CPU."""
+def wrk(
+    url: str, connections: int, seconds: int, headers: Sequence[str] = (), *, unique_query: bool = False
+) -> WrkResult:
+    """``wrk -t1 -c<connections> -d<seconds>s --latency [-H header]...`` pinned to the load CPU;
+    ``unique_query`` runs ``unique_query.lua`` with a fresh run id (every request a new URL)."""
     extra = [arg for header in headers for arg in ("-H", header)]
+    if unique_query:
+        extra += ["-s", str(UNIQUE_QUERY)]
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s", *extra, url]
+    if unique_query:
+        argv += ["--", secrets.token_hex(6)]
     done = subprocess.run(
         ["taskset", "-c", LOAD_CPU, *argv], capture_output=True, text=True, timeout=seconds + 30, check=False
     )
