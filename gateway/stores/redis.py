@@ -8,9 +8,12 @@ by redis-py and a new one made on the next call, so the store recovers when Redi
 
 ``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA` (loaded again automatically
 after a Redis restart), with the time taken from the Redis server so that instances agree.
-On one Redis, the takes that requests start in the same turn of the event loop go out
-together in one pipeline: one round trip and one connection for all of them, which is most
-of what a take costs the gateway in CPU (still one script call, so one atomic step, each).
+On one Redis, the commands that requests start in the same turn of the event loop (takes,
+cache lookups, stores, locks) go out together in one pipeline: one round trip and one
+connection for all of them. redis-py's cost per call (a pooled connection taken and given
+back, a round trip awaited) is most of what a command costs the gateway in CPU, so this
+"auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low. Each
+command is still its own atomic step; one request's commands still run in its order.
 Keys are ``<namespace>{<key>}``. The braces are a Cluster hash tag: the slot depends on the
 caller's key up to its first ``}`` (all of it when it has none), never on the namespace, so
 ``c:{users}:gen`` and ``c:{users}:e:1`` share a slot, for a future script over both.
@@ -27,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Client = Redis | RedisCluster
+Stage = Callable[[Pipeline], object]  # adds one request's command(s) to a pipeline
 
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, TryAgainError, ReadOnlyError
 # (failover) and BusyLoadingError; RedisClusterException covers SlotNotCoveredError and friends.
@@ -66,7 +71,7 @@ class RedisStore:
         self._detach = isinstance(client, RedisCluster)
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
-        self._batch: list[tuple[str, list[int], asyncio.Future[Any]]] = []  # takes waiting to be sent
+        self._batch: list[tuple[Stage, asyncio.Future[Any]]] = []  # commands waiting to be sent (one Redis)
         self._sending: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -78,9 +83,9 @@ class RedisStore:
         if url.partition("://")[0].lower() in ("redis+cluster", "rediss+cluster"):
             client = _cluster_from_url(url, timeout=timeout, retry=retry)
         else:
-            # no socket_timeout: _edge bounds the whole call, and redis-py would wrap every send
-            # in asyncio.wait_for (a task per command, ~15% of the throughput)
-            client = Redis.from_url(url, socket_connect_timeout=timeout, retry=retry)
+            # socket_timeout=None (redis-py 8 defaults it to 5 s): _edge bounds the whole call, and
+            # redis-py would wrap every reply it reads in a timeout of its own (~10% of a full chain's CPU)
+            client = Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=None, retry=retry)
         return cls(client, namespace=namespace, timeout=timeout)
 
     @property
@@ -101,54 +106,16 @@ class RedisStore:
         if self._detach or now_us:
             result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         else:
-            result = await self._batched(keys[0], args)
+            result = await self._batched(lambda pipe: pipe.evalsha(self._gcra.sha, 1, keys[0], *args))
         allowed, remaining, reset_us, retry_us = result
         return quota(allowed, remaining, reset_us, retry_us)
 
-    async def _batched(self, key: str, args: list[int]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batch.append((key, args, future))
-        if len(self._batch) == 1:  # the first of this turn: send once everyone runnable now has queued
-            asyncio.get_running_loop().call_soon(self._send_batch)
-        return await future
-
-    def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[str, list[int], asyncio.Future[Any]]]) -> None:
-        try:
-            results = await self._edge("take", lambda client: self._pipelined(client, batch))
-        except StoreUnavailable as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(str(exc)))
-            return
-        for (*_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its request was cancelled meanwhile
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(StoreUnavailable(f"redis take: {type(result).__name__}: {result}"))
-            else:
-                future.set_result(result)
-
-    async def _pipelined(self, client: Client, batch: list[tuple[str, list[int], asyncio.Future[Any]]]) -> list[Any]:
-        async def run() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for key, args, _ in batch:
-                pipe.evalsha(self._gcra.sha, 1, key, *args)
-            return await pipe.execute(raise_on_error=False)
-
-        results = await run()
-        if any(isinstance(result, NoScriptError) for result in results):  # a restarted or flushed Redis
-            self._gcra.sha = await client.script_load(LUA)
-            results = await run()
-        return results
-
     async def get(self, key: str) -> bytes | None:
-        value = await self._edge("get", lambda client: client.get(self.key(key)))
+        name = self.key(key)
+        if self._detach:
+            value = await self._edge("get", lambda client: client.get(name))
+        else:
+            value = await self._batched(lambda pipe: pipe.get(name))
         return cast("bytes | None", value)  # responses are not decoded
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
@@ -156,22 +123,31 @@ class RedisStore:
         if ttl <= 0:
             await self.delete(key)
             return
-        px = max(1, -(-round(ttl * 1_000_000) // 1000))
-        await self._edge("set", lambda client: client.set(self.key(key), value, px=px))
+        name, px = self.key(key), _ms(ttl)
+        if self._detach:
+            await self._edge("set", lambda client: client.set(name, value, px=px))
+        else:
+            await self._batched(lambda pipe: pipe.set(name, value, px=px))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0
-        # a Cluster client splits the DEL by slot
-        found: int = await self._edge("delete", lambda client: client.delete(*(self.key(key) for key in keys)))
-        return found
+        names = [self.key(key) for key in keys]
+        if self._detach:  # a Cluster client splits the DEL by slot
+            found = await self._edge("delete", lambda client: client.delete(*names))
+        else:
+            found = await self._batched(lambda pipe: pipe.delete(*names))
+        return int(found)
 
     async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
         """``SET NX PX``: stored only when absent."""
         if ttl <= 0:
             return False
-        px = max(1, -(-round(ttl * 1_000_000) // 1000))
-        stored = await self._edge("add", lambda client: client.set(self.key(key), value, px=px, nx=True))
+        name, px = self.key(key), _ms(ttl)
+        if self._detach:
+            stored = await self._edge("add", lambda client: client.set(name, value, px=px, nx=True))
+        else:
+            stored = await self._batched(lambda pipe: pipe.set(name, value, px=px, nx=True))
         return bool(stored)
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
@@ -181,30 +157,101 @@ class RedisStore:
         if self._detach:  # one MGET per slot; one round trip when the keys share a hash tag
             values = await self._edge("get_many", lambda client: client.mget_nonatomic(names))  # type: ignore[union-attr]
         else:
-            values = await self._edge("get_many", lambda client: client.mget(names))
+            values = await self._batched(lambda pipe: pipe.mget(names))
         return cast("list[bytes | None]", values)
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:
         """``SADD`` then ``PEXPIRE``, in one pipelined round trip."""
         if not members:
             return
-        name, px = self.key(key), max(1, -(-round(ttl * 1_000_000) // 1000))
+        name, px = self.key(key), _ms(ttl)
 
-        async def command(client: Client) -> None:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.sadd(name, *members)
-                pipe.pexpire(name, px)
-                await pipe.execute()
+        def stage(pipe: Pipeline) -> None:
+            pipe.sadd(name, *members)
+            pipe.pexpire(name, px)
 
-        await self._edge("sadd", command)
+        if self._detach:
+
+            async def command(client: Client) -> None:
+                async with client.pipeline(transaction=False) as pipe:
+                    stage(pipe)  # type: ignore[arg-type]
+                    await pipe.execute()
+
+            await self._edge("sadd", command)
+        else:
+            await self._batched(stage)
 
     async def smembers(self, key: str) -> frozenset[str]:
-        values = await self._edge("smembers", lambda client: client.smembers(self.key(key)))
+        name = self.key(key)
+        if self._detach:
+            values = await self._edge("smembers", lambda client: client.smembers(name))
+        else:
+            values = await self._batched(lambda pipe: pipe.smembers(name))
         return frozenset(value.decode() if isinstance(value, bytes) else value for value in values)
 
     async def incr(self, key: str) -> int:
-        count: int = await self._edge("incr", lambda client: client.incr(self.key(key)))
-        return count
+        name = self.key(key)
+        if self._detach:
+            count = await self._edge("incr", lambda client: client.incr(name))
+        else:
+            count = await self._batched(lambda pipe: pipe.incr(name))
+        return int(count)
+
+    # -- one pipeline per event-loop turn (one Redis) --------------------------------------
+
+    async def _batched(self, stage: Stage) -> Any:
+        """Queue the command(s) ``stage`` adds to a pipeline; the result of the last one."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((stage, future))
+        if len(self._batch) == 1:  # the first of this turn: send once everyone runnable now has queued
+            loop.call_soon(self._send_batch)
+        return await future
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Stage, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._edge("pipeline", lambda client: self._pipelined(client, batch))
+        except StoreUnavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(exc)))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its request was cancelled meanwhile
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(StoreUnavailable(f"redis: {type(result).__name__}: {result}"))
+            else:
+                future.set_result(result)
+
+    async def _pipelined(self, client: Client, batch: list[tuple[Stage, asyncio.Future[Any]]]) -> list[Any]:
+        """Each staged entry's result: the result of its last command, or the first error among its commands."""
+
+        async def run() -> list[Any]:
+            pipe = cast("Pipeline", client.pipeline(transaction=False))
+            ends = []
+            for stage, _ in batch:
+                stage(pipe)
+                ends.append(len(pipe))
+            replies = await pipe.execute(raise_on_error=False)
+            results, begin = [], 0
+            for end in ends:
+                errors = [reply for reply in replies[begin:end] if isinstance(reply, Exception)]
+                results.append(errors[0] if errors else replies[end - 1])
+                begin = end
+            return results
+
+        results = await run()
+        if any(isinstance(result, NoScriptError) for result in results):  # a restarted or flushed Redis
+            self._gcra.sha = await client.script_load(LUA)
+            results = await run()
+        return results
 
     async def ping(self) -> None:
         """Return when Redis answers. Until the client has started (its first connection; on a
@@ -278,6 +325,11 @@ class RedisStore:
     def _started(self, task: asyncio.Task[None]) -> None:
         self._starting = None  # after a failure, the next call starts over
         self._ready = not task.cancelled() and task.exception() is None
+
+
+def _ms(seconds: float) -> int:
+    """A TTL in whole milliseconds, rounded up, at least 1."""
+    return max(1, -(-round(seconds * 1_000_000) // 1000))
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

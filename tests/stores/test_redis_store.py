@@ -282,3 +282,42 @@ async def test_takes_of_one_turn_share_one_connection(restartable_redis: RedisSe
         assert clients <= 3  # this check's own client, and the store's pool: one pipeline, not 50 connections
     finally:
         await store.aclose()
+
+
+async def test_commands_of_one_turn_share_one_connection_and_keep_their_own_results(
+    restartable_redis: RedisServer,
+) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
+    try:
+        await store.ping()
+        await asyncio.gather(*(store.set(f"k{i}", b"v%d" % i, ttl=60) for i in range(50)))
+        values, many, added, (_, members) = await asyncio.gather(
+            asyncio.gather(*(store.get(f"k{i}") for i in range(50))),
+            store.get_many("k1", "nothing", "k2"),
+            asyncio.gather(store.add("k3", b"x", ttl=60), store.add("fresh", b"x", ttl=60)),
+            asyncio.gather(store.sadd("set", "a", "b", ttl=60), store.smembers("set")),
+        )
+        assert values == [b"v%d" % i for i in range(50)]
+        assert many == [b"v1", None, b"v2"]
+        assert added == [False, True]
+        assert members == {"a", "b"}  # staged after the SADD of the same turn, so it sees it
+        assert await store.delete("k1", "k2", "nothing") == 2
+        with restartable_redis.client() as check:
+            clients = int(check.info("clients")["connected_clients"])
+        assert clients <= 3  # this check's own client, and the store's pool: pipelines, not 50 connections
+    finally:
+        await store.aclose()
+
+
+async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
+    try:
+        await store.ping()
+        await store.sadd("a-set", "m", ttl=60)
+        results = await asyncio.gather(store.get("a-set"), store.set("k", b"v", ttl=60), return_exceptions=True)
+        assert isinstance(results[0], StoreUnavailable)  # GET of a set: WRONGTYPE
+        assert "WRONGTYPE" in str(results[0])
+        assert results[1] is None
+        assert await store.get("k") == b"v"
+    finally:
+        await store.aclose()
