@@ -140,6 +140,7 @@ class RouteProxy:
         self._forwarder = forwarder
         self._route = route
         self._pool = pool
+        self._tapped = route.cache is not None  # only the cache sets a body tap
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         headers = self._forwarder.upstream_headers(request)
@@ -225,7 +226,7 @@ class RouteProxy:
     async def _relay(self, request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
         drop = HOP_BY_HOP | connection_named((upstream.connection,)) if upstream.connection else HOP_BY_HOP
         headers = [(name, value) for name, value in upstream.headers if name.lower() not in drop]
-        tap = request.get(BODY_TAP)
+        tap = request.get(BODY_TAP) if self._tapped else None
         if tap is not None:
             wanted = tap.start(upstream.status, upstream.reason, headers)
             if tap.detached:  # a background refresh: nobody to answer, only the tap to fill

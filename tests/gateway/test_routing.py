@@ -134,6 +134,30 @@ def test_paths_leaving_the_service_are_400(target: str) -> None:
     assert info.value.status == 400
 
 
+def test_a_rejected_target_is_rejected_every_time() -> None:
+    table = _table()
+    for _ in range(2):
+        with pytest.raises(Problem):
+            table.match("GET", "/api/users/../orders/x")
+
+
+def test_the_same_target_with_another_method_gets_its_own_route() -> None:
+    table = _table()
+    post, get = table.match("POST", "/api/users/admin/x"), table.match("GET", "/api/users/admin/x")
+    again = table.match("POST", "/api/users/admin/x")
+    assert post is not None and get is not None and again is not None
+    assert (post.route.name, get.route.name, again.route.name) == ("users/routes/1", "users", "users/routes/1")
+
+
+def test_more_targets_than_are_remembered_all_match_right() -> None:
+    table = _table()
+    for round_ in range(2):
+        for i in range(5000):  # past the 4096 remembered: the memory starts over and answers stay right
+            match = table.match("GET", f"/api/users/items/{i}/detail?r={round_}")
+            assert match is not None
+            assert (match.route.name, match.target.rest) == ("users/routes/2", f"/items/{i}/detail")
+
+
 # -- end to end, with raw requests (an HTTP client would tidy these paths up first) -------
 
 YAML = """
