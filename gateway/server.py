@@ -91,6 +91,7 @@ class OneLineParseErrors(logging.Filter):
 # -- the HTTP protocol: slow clients and oversized heads ---------------------------------------
 
 _IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection is waiting for from its client
+BODY_MIN_RATE = 500  # bytes a second a request body must average after its first body_timeout (Apache's)
 
 
 class GatewayProtocol(RequestHandler):
@@ -102,10 +103,12 @@ class GatewayProtocol(RequestHandler):
       sent a byte, a plain close) and the connection is closed. Idle time between
       requests is aiohttp's keep-alive timeout, not this one.
     - **Body timeout** (``limits.body_timeout``): the longest pause between two reads of a
-      request body while the gateway wants more of it (time that the gateway itself holds the
-      client back by not reading does not count). Then the handler's read fails, the client
-      gets a 408 if nothing of the response was sent yet, and the connection is closed, so
-      the upstream never sees a complete body.
+      request body; and past that first ``body_timeout`` the body must average
+      ``BODY_MIN_RATE`` bytes a second (Apache's mod_reqtimeout rule), so a body trickled a
+      byte at a time is cut too. Time the gateway itself holds the client back (reading
+      paused while the upstream is slow to take the body) does not count. Then the
+      handler's read fails, the client gets a 408 if nothing of the response was sent yet,
+      and the connection is closed, so the upstream never sees a complete body.
     - An oversized request line is a **414**, an oversized header field or too many header
       fields a **431**, any other malformed request a 400; all problem+json and one log line.
 
@@ -118,9 +121,11 @@ class GatewayProtocol(RequestHandler):
     __slots__ = (
         "_body",
         "_body_timeout",
+        "_credit",
         "_deadline",
         "_head_bytes",
         "_header_timeout",
+        "_last_read",
         "_limits",
         "_phase",
         "_timer",
@@ -133,6 +138,8 @@ class GatewayProtocol(RequestHandler):
         self._header_timeout = self._body_timeout = 0.0  # set per connection, in connection_made
         self._phase = _IDLE
         self._deadline = 0.0  # when the current phase times out
+        self._credit = 0.0  # _BODY: when the body falls below BODY_MIN_RATE on average
+        self._last_read = 0.0  # _BODY: when the last bytes of it arrived
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the handle fires
         self._head_bytes = False  # some bytes of the awaited head have arrived
@@ -164,7 +171,9 @@ class GatewayProtocol(RequestHandler):
         elif phase == _HEAD:
             self._head_bytes = True
         else:
-            self._deadline = self._loop.time() + self._body_timeout
+            now = self._last_read = self._loop.time()
+            self._credit += len(data) / BODY_MIN_RATE
+            self._deadline = min(now + self._body_timeout, self._credit)
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # a head is complete: now its body, if any is still to come
@@ -172,6 +181,7 @@ class GatewayProtocol(RequestHandler):
             if isinstance(body, StreamReader) and not body.is_eof():
                 self._body = body
                 self._expect(_BODY, self._body_timeout)
+                self._credit, self._last_read = self._deadline, self._deadline - self._body_timeout
             else:
                 self._phase, self._body = _IDLE, None
         elif phase == _BODY and self._body is not None and self._body.is_eof():
@@ -192,7 +202,9 @@ class GatewayProtocol(RequestHandler):
             return
         now = self._loop.time()
         if self._phase == _BODY and (self._reading_paused or self._buffer_paused):
-            self._deadline = now + self._body_timeout  # we are the slow one: not the client's time
+            # we are the slow one, not the client: none of this is its time
+            self._last_read, self._credit = now, max(self._credit, now + self._body_timeout)
+            self._deadline = now + self._body_timeout
         if now < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             self._timer_at = self._deadline
@@ -223,9 +235,13 @@ class GatewayProtocol(RequestHandler):
         self._phase = _IDLE
         body, self._body = self._body, None
         request = self._current_request
-        logger.warning("client %s: request body stalled for more than %gs (408)", self._peer(), self._body_timeout)
+        if self._loop.time() >= self._last_read + self._body_timeout:
+            detail = f"the request body stalled for more than {self._body_timeout:g}s"
+        else:
+            detail = f"the request body arrived slower than {BODY_MIN_RATE} bytes/s"
+        logger.warning("client %s: %s (408)", self._peer(), detail)
         if request is not None and request.writer.output_size == 0:
-            self._send_raw_problem(408, f"the request body stalled for more than {self._body_timeout:g}s")
+            self._send_raw_problem(408, detail)
         if body is not None:  # the handler's read fails; a partial body is never passed on as complete
             body.set_exception(web.HTTPRequestTimeout(text="request body timed out"))
         self.force_close()

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import load_text
-from gateway.server import GatewayRunner, OneLineParseErrors
+from gateway.server import BODY_MIN_RATE, GatewayRunner, OneLineParseErrors
 from tests.backends import BACKEND_STATE
 from tests.conftest import GatewayClient, upstream
 from tests.rawhttp import parse_response, read_response, read_until_closed
@@ -300,15 +300,33 @@ async def test_a_stalled_streamed_body_is_cut_and_the_upstream_never_gets_it_who
     assert uploads.outcomes[0].startswith("broken:")
 
 
+async def test_a_body_trickled_a_byte_at_a_time_is_cut_though_it_never_stalls(
+    gateway: GatewayClient, backend: TestServer
+) -> None:
+    reader, writer = await _open(gateway.port)
+    trickling = asyncio.create_task(_trickle(writer, [b"x"] * 100, 0.2))  # 5 bytes/s, never 1 s apart
+    try:
+        writer.write(b"POST /api/svc/upload HTTP/1.1\r\n" + HOST + b"Content-Length: 100\r\n\r\n")
+        answer = await read_until_closed(reader, seconds=15)
+    finally:
+        trickling.cancel()
+        writer.close()
+    response = parse_response(answer)
+    assert response.status == 408
+    assert json.loads(response.body)["detail"] == f"the request body arrived slower than {BODY_MIN_RATE} bytes/s"
+    assert backend.app[BACKEND_STATE].requests == []
+
+
 async def test_a_body_that_keeps_coming_is_not_cut(aiohttp_client, backend: TestServer) -> None:  # type: ignore[no-untyped-def]
-    text = YAML.format(upstream=upstream(backend)).replace("body_timeout: 1s", "body_timeout: 2s")
+    text = YAML.format(upstream=upstream(backend)).replace("max_body: 1KiB", "max_body: 1MiB")
     gateway: GatewayClient = await aiohttp_client(GatewayTestServer(create_app(load_text(text))))
     reader, writer = await _open(gateway.port)
     try:
-        writer.write(b"POST /api/svc/upload HTTP/1.1\r\n" + HOST + b"Connection: close\r\nContent-Length: 12\r\n\r\n")
-        await _trickle(writer, [b"x"] * 12, 0.25)  # 3 s in all, more than the body timeout, never 2 s apart
+        writer.write(b"POST /api/svc/upload HTTP/1.1\r\n" + HOST + b"Connection: close\r\nContent-Length: 6000\r\n\r\n")
+        # 3 s in all, three times the body timeout, at 2000 bytes/s: never a pause of 1 s, never under 500 bytes/s
+        await _trickle(writer, [b"x" * 500] * 12, 0.25)
         response = parse_response(await read_until_closed(reader, seconds=15))
     finally:
         writer.close()
     assert response.status == 200
-    assert json.loads(response.body)["length"] == 12
+    assert json.loads(response.body)["length"] == 6000
