@@ -103,9 +103,9 @@ class GatewayProtocol(RequestHandler):
       sent a byte, a plain close) and the connection is closed. Idle time between
       requests is aiohttp's keep-alive timeout, not this one.
     - **Body timeout** (``limits.body_timeout``): the longest pause between two reads of a
-      request body; and past that first ``body_timeout`` the body must average
-      ``BODY_MIN_RATE`` bytes a second (Apache's mod_reqtimeout rule), so a body trickled a
-      byte at a time is cut too. Time the gateway itself holds the client back (reading
+      request body; and the whole body gets ``body_timeout`` plus one second per
+      ``BODY_MIN_RATE`` bytes received (Apache's mod_reqtimeout ``MinRate`` rule), so a body
+      trickled a byte at a time is cut too. Time the gateway itself holds the client back (reading
       paused while the upstream is slow to take the body) does not count. Then the
       handler's read fails, the client gets a 408 if nothing of the response was sent yet,
       and the connection is closed, so the upstream never sees a complete body.
@@ -125,7 +125,6 @@ class GatewayProtocol(RequestHandler):
         "_deadline",
         "_head_bytes",
         "_header_timeout",
-        "_last_read",
         "_limits",
         "_phase",
         "_timer",
@@ -139,7 +138,6 @@ class GatewayProtocol(RequestHandler):
         self._phase = _IDLE
         self._deadline = 0.0  # when the current phase times out
         self._credit = 0.0  # _BODY: when the body falls below BODY_MIN_RATE on average
-        self._last_read = 0.0  # _BODY: when the last bytes of it arrived
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the handle fires
         self._head_bytes = False  # some bytes of the awaited head have arrived
@@ -171,7 +169,7 @@ class GatewayProtocol(RequestHandler):
         elif phase == _HEAD:
             self._head_bytes = True
         else:
-            now = self._last_read = self._loop.time()
+            now = self._loop.time()
             self._credit += len(data) / BODY_MIN_RATE
             self._deadline = min(now + self._body_timeout, self._credit)
         count = self._request_count
@@ -181,7 +179,7 @@ class GatewayProtocol(RequestHandler):
             if isinstance(body, StreamReader) and not body.is_eof():
                 self._body = body
                 self._expect(_BODY, self._body_timeout)
-                self._credit, self._last_read = self._deadline, self._deadline - self._body_timeout
+                self._credit = self._deadline
             else:
                 self._phase, self._body = _IDLE, None
         elif phase == _BODY and self._body is not None and self._body.is_eof():
@@ -203,7 +201,7 @@ class GatewayProtocol(RequestHandler):
         now = self._loop.time()
         if self._phase == _BODY and (self._reading_paused or self._buffer_paused):
             # we are the slow one, not the client: none of this is its time
-            self._last_read, self._credit = now, max(self._credit, now + self._body_timeout)
+            self._credit = max(self._credit, now + self._body_timeout)
             self._deadline = now + self._body_timeout
         if now < self._deadline:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
@@ -235,10 +233,10 @@ class GatewayProtocol(RequestHandler):
         self._phase = _IDLE
         body, self._body = self._body, None
         request = self._current_request
-        if self._loop.time() >= self._last_read + self._body_timeout:
-            detail = f"the request body stalled for more than {self._body_timeout:g}s"
-        else:
-            detail = f"the request body arrived slower than {BODY_MIN_RATE} bytes/s"
+        detail = (
+            f"the request body stalled or came too slowly (more than {self._body_timeout:g}s without data, "
+            f"or under {BODY_MIN_RATE} bytes/s)"
+        )
         logger.warning("client %s: %s (408)", self._peer(), detail)
         if request is not None and request.writer.output_size == 0:
             self._send_raw_problem(408, detail)
