@@ -178,6 +178,7 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)  # client-side: exception names
     skipped: int = 0  # requests not sent because too many were still in flight
     ws_messages: int = 0
+    driver_lag: float = 0.0  # seconds: the worst lateness of this process's own loop (is the driver keeping up?)
 
     def count(self, status: int) -> None:
         key = str(status) if status in (101, 400, 401, 404, 408, 429, 431) else f"{status // 100}xx"
@@ -355,6 +356,15 @@ class Traffic:
                 await asyncio.wait_for(self.stopping.wait(), timeout=1.0)
         await asyncio.gather(*tasks)
 
+    async def watch_own_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            due = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            late = loop.time() - due
+            self.now.driver_lag = max(self.now.driver_lag, late)
+            self.total.driver_lag = max(self.total.driver_lag, late)
+
     async def run(self) -> None:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -362,6 +372,7 @@ class Traffic:
                 self.http_load(session),
                 self.ws_churn_load(session),
                 self.slow_clients(),
+                self.watch_own_loop(),
                 *(self.ws_member(session, n) for n in range(self.ws_clients)),
             )
 
@@ -440,7 +451,7 @@ async def sample(session: aiohttp.ClientSession, setup: Setup, at: float, tally:
 
 HEADER = (
     f"{'t (s)':>6} {'req/s':>6} {'2xx':>6} {'4xx':>6} {'5xx':>4} {'err':>4} {'ws msg/s':>8} "
-    f"{'in flight':>9} {'RSS MiB':>8} {'fds':>5} {'tasks':>6} {'ws':>4} {'lag ms':>7}"
+    f"{'in flight':>9} {'RSS MiB':>8} {'fds':>5} {'tasks':>6} {'ws':>4} {'lag ms':>7} {'driver lag':>10}"
 )
 
 
@@ -450,7 +461,8 @@ def row(s: Sample, interval: float) -> str:
     return (
         f"{s.at:6.0f} {t.requests() / interval:6.0f} {t.statuses['2xx'] + t.statuses['101']:6d} {fours:6d} "
         f"{t.statuses['5xx']:4d} {sum(t.errors.values()):4d} {t.ws_messages / interval:8.0f} "
-        f"{s.in_flight:9d} {s.rss_kib / 1024:8.1f} {s.fds:5d} {s.tasks:6d} {s.websockets:4d} {s.lag_ms:7.1f}"
+        f"{s.in_flight:9d} {s.rss_kib / 1024:8.1f} {s.fds:5d} {s.tasks:6d} {s.websockets:4d} {s.lag_ms:7.1f} "
+        f"{t.driver_lag * 1000:10.0f}"
     )
 
 
