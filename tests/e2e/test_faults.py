@@ -309,8 +309,8 @@ async def test_sigterm_under_load_drains_what_was_in_flight_and_refuses_the_rest
 ) -> None:
     gateway = start_gateway(f'defaults: {{auth: none}}\nservices:\n  svc: {{upstreams: ["{upstream(backend)}"]}}\n')
     async with session() as client:
-        running = asyncio.create_task(paced_load(client, lambda n: f"{gateway.url}/api/svc/slow/1", seconds=3.0))
-        await asyncio.sleep(1.5)
+        running = asyncio.create_task(paced_load(client, lambda n: f"{gateway.url}/api/svc/slow/2", seconds=3.0))
+        await asyncio.sleep(2.5)
         signalled = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(gateway.process.wait, 15)
@@ -319,7 +319,7 @@ async def test_sigterm_under_load_drains_what_was_in_flight_and_refuses_the_rest
     assert code == 0
     # every request either got its answer or an explicit connection error; none hung, none got a 5xx
     assert set(tally) <= {"200", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}, tally
-    in_flight = [o for o in load.outcomes if o.started < signalled - 0.5]  # surely inside the gateway by then
+    in_flight = [o for o in load.outcomes if o.started < signalled - 1.5]  # surely inside the gateway by then
     assert in_flight and all(o.kind == "200" for o in in_flight), collections.Counter(o.kind for o in in_flight)
     assert gateway.process.stderr is not None
     assert_clean(gateway.process.stderr.read().decode())

@@ -238,7 +238,7 @@ async def test_a_head_trickled_behind_a_request_in_flight_closes_after_that_resp
 ) -> None:
     reader, writer = await _open(gateway.port)
     try:
-        writer.write(b"GET /api/svc/slow/2 HTTP/1.1\r\n" + HOST + b"\r\nGET /api/svc/echo HTTP/1.1\r\n")
+        writer.write(b"GET /api/svc/slow/3 HTTP/1.1\r\n" + HOST + b"\r\nGET /api/svc/echo HTTP/1.1\r\n")
         await asyncio.sleep(0.2)
         writer.write(b"X-Slow: 1\r\n")  # the pipelined head keeps trickling past the header timeout
         answer = await read_until_closed(reader, seconds=15)
@@ -246,7 +246,7 @@ async def test_a_head_trickled_behind_a_request_in_flight_closes_after_that_resp
         writer.close()
     assert answer.count(b"HTTP/1.1 ") == 1  # the slow response whole, and no 408 written into it
     response = parse_response(answer)
-    assert response.status == 200 and response.body == b"slept 2.0\n"
+    assert response.status == 200 and response.body == b"slept 3.0\n"
 
 
 async def test_a_stalled_body_is_cut_with_408_and_never_reaches_the_upstream(
@@ -323,14 +323,15 @@ async def test_a_body_trickled_a_byte_at_a_time_is_cut_though_it_never_stalls(
 
 async def test_a_body_that_keeps_coming_is_not_cut(aiohttp_client, backend: TestServer) -> None:  # type: ignore[no-untyped-def]
     text = YAML.format(upstream=upstream(backend)).replace("max_body: 1KiB", "max_body: 1MiB")
+    text = text.replace("body_timeout: 1s", "body_timeout: 3s")
     gateway: GatewayClient = await aiohttp_client(GatewayTestServer(create_app(load_text(text))))
     reader, writer = await _open(gateway.port)
     try:
-        writer.write(b"POST /api/svc/upload HTTP/1.1\r\n" + HOST + b"Connection: close\r\nContent-Length: 6000\r\n\r\n")
-        # 3 s in all, three times the body timeout, at 2000 bytes/s: never a pause of 1 s, never under 500 bytes/s
-        await _trickle(writer, [b"x" * 500] * 12, 0.25)
+        writer.write(b"POST /api/svc/upload HTTP/1.1\r\n" + HOST + b"Connection: close\r\nContent-Length: 8000\r\n\r\n")
+        # 4 s in all, more than the 3 s body timeout, at 2000 bytes/s: never a long pause, never under 500 bytes/s
+        await _trickle(writer, [b"x" * 500] * 16, 0.25)
         response = parse_response(await read_until_closed(reader, seconds=15))
     finally:
         writer.close()
     assert response.status == 200
-    assert json.loads(response.body)["length"] == 6000
+    assert json.loads(response.body)["length"] == 8000
