@@ -9,12 +9,12 @@ every ``--interval`` seconds samples the gateway's RSS and open file descriptors
 then whether each resource is flat after ``--warmup``, then the same figures once the
 traffic has stopped (connections closed, tasks gone).
 
-The mix, per second (at the default ``--rate 300``; the shares are fixed):
+The mix (shares of ``--rate``, 150 requests a second by default):
 
 - 30% plain ``GET /api/users/health`` and 5% ``PUT /api/users/users/1`` with a JSON body;
 - 20% cached ``GET /api/users/public/info`` (ttl 2 s, so misses keep coming);
-- 20% rate-limited ``GET /api/users/users/<n>`` keyed by ``X-Client`` (one greedy client
-  gets 429s, the others stay under their budget);
+- 20% rate-limited ``GET /api/users/users/<n>``, 5 a second per ``X-Client``: a greedy
+  client sends a quarter of them and gets 429s, the 50 others stay under their budget;
 - 20% authenticated ``GET /api/users/whoami``: valid tokens, plus a few missing and forged
   ones (401);
 - 5% refused before any upstream: unknown service (404), unsafe path (400), oversized
@@ -152,7 +152,7 @@ services:
     routes:
       - {{path: /public/*, cache: {{ttl: 2s}}}}
       - {{path: /whoami, auth: required}}
-      - {{path: /users/*, methods: [GET], rate_limit: {{requests: 10, per: 1s, key: "header:X-Client"}}}}
+      - {{path: /users/*, methods: [GET], rate_limit: {{requests: 5, per: 1s, key: "header:X-Client"}}}}
   chat:
     upstreams: ["http://127.0.0.1:{chat}"]
     auth: required
@@ -566,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=float, default=30.0, help="seconds before judging flatness (default %(default)s)"
     )
-    parser.add_argument("--rate", type=float, default=300.0, help="HTTP requests a second (default %(default)s)")
-    parser.add_argument("--ws-clients", type=int, default=50, help="long-lived WebSockets (default %(default)s)")
+    parser.add_argument("--rate", type=float, default=150.0, help="HTTP requests a second (default %(default)s)")
+    parser.add_argument("--ws-clients", type=int, default=30, help="long-lived WebSockets (default %(default)s)")
     parser.add_argument("--ws-churn", type=float, default=2.0, help="short WebSockets a second (default %(default)s)")
     parser.add_argument(
         "--settle",
