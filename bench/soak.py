@@ -487,6 +487,8 @@ def verdicts(samples: list[Sample], warmup: float) -> Iterator[str]:
 
     rss = [s.rss_kib / 1024 for s in steady]
     yield judge("RSS", rss, "MiB", max(2.0, 0.03 * statistics.mean(rss[:half])))
+    slope = statistics.linear_regression([s.at for s in steady], rss).slope * 600
+    yield f"{'':>6}  RSS trend after warm-up (least squares): {slope:+.2f} MiB per 10 minutes"
     fds = [float(s.fds) for s in steady]
     yield judge("fds", fds, "   ", max(10.0, 0.2 * max(s.fds for s in early)))
     tasks = [float(s.tasks) for s in steady]
