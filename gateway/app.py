@@ -71,7 +71,8 @@ def create_app(
             ),
             ProblemMiddleware(),
         ],
-        handler_args={"max_field_size": 16 * 1024},
+        # request line 8190 bytes (414 beyond), header fields 16 KiB (431), idle keep-alive 75 s (nginx's)
+        handler_args={"max_line_size": 8190, "max_field_size": 16 * 1024, "keepalive_timeout": 75.0},
     )
     app[CONFIG] = config
     app[ROUTES] = RouteHolder()

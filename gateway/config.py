@@ -87,6 +87,7 @@ class StoreConfig:
 class Limits:
     max_body: int = 10 * 1024 * 1024  # bytes of request body; more is a 413
     header_timeout: float = 10.0  # seconds a client may take to send its request headers
+    body_timeout: float = 60.0  # longest pause between two reads of a request body
     drain_timeout: float = 10.0  # seconds in-flight requests get to finish after SIGTERM
 
 
@@ -505,6 +506,7 @@ def _limits(section: Section) -> Limits:
     limits = Limits(
         max_body=section.size("max_body", 10 * 1024 * 1024),
         header_timeout=section.duration("header_timeout", 10.0, positive=True),
+        body_timeout=section.duration("body_timeout", 60.0, positive=True),
         drain_timeout=section.duration("drain_timeout", 10.0),
     )
     section.done()

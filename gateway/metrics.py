@@ -4,7 +4,10 @@
 ``observe`` hook of :class:`~middleware.request_id.RequestIdMiddleware`: it reads the same
 :class:`~middleware.base.Outcome` the access-log line is written from. Gauges that describe
 state rather than events (upstream health, open WebSockets) are refreshed from the live
-objects once a second and again just before each scrape.
+objects once a second and again just before each scrape. Two gauges describe the process
+itself, for soak runs and alerts: ``gateway_asyncio_tasks`` (tasks alive) and
+``gateway_event_loop_lag_seconds`` (how late the once-a-second refresh timer ran, the worst
+over the last ``LAG_WINDOW`` ticks: a loop blocked by CPU-bound work shows up here).
 
 Under ``--workers N`` the supervisor makes a temporary directory and every worker writes
 its samples there (prometheus-client's multiprocess mode, see :func:`enable_multiprocess`);
@@ -16,6 +19,7 @@ whichever worker answers a scrape reports the sum over all of them. Gauges of st
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -46,6 +50,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _UPSTREAM_ERRORS = frozenset({499, 502, 503, 504})
 NO_SERVICE = "-"  # the service label of a request no service claimed (404s, bad paths)
 REFRESH_EVERY = 1.0  # seconds between refreshes of the state gauges
+LAG_WINDOW = 10  # refresh ticks the event-loop lag gauge reports the worst of
 
 
 def enable_multiprocess(directory: str) -> None:
@@ -119,6 +124,14 @@ class Metrics:
             ["service", "upstream"], registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
         self.reloads = Counter("gateway_config_reloads", "Config reloads by result", ["result"], registry=r)
+        self.tasks = Gauge(
+            "gateway_asyncio_tasks", "asyncio tasks alive in the process", registry=r, multiprocess_mode="livesum"
+        )
+        self.loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds", "How late the event loop ran a timer, worst of the last ticks",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._lags: collections.deque[float] = collections.deque(maxlen=LAG_WINDOW)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self._sources: list[Callable[[Metrics], None]] = []
@@ -168,6 +181,8 @@ class Metrics:
     def refresh(self) -> None:
         for source in self._sources:
             source(self)
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to count
+            self.tasks.set(len(asyncio.all_tasks()))
 
     def exposition(self) -> bytes:
         self.refresh()
@@ -182,10 +197,15 @@ class Metrics:
         return snapshot
 
     async def refresher(self, every: float = REFRESH_EVERY) -> None:
-        """Refresh the state gauges forever (in multiprocess mode other workers read them from disk)."""
+        """Refresh the state gauges forever (in multiprocess mode other workers read them from disk),
+        measuring on the way how late each tick runs (the event-loop lag)."""
+        loop = asyncio.get_running_loop()
         while True:
             self.refresh()
+            due = loop.time() + every
             await asyncio.sleep(every)
+            self._lags.append(max(0.0, loop.time() - due))
+            self.loop_lag.set(max(self._lags))
 
 
 METRICS = web.AppKey("metrics", Metrics)

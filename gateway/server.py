@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import shutil
@@ -23,20 +25,28 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from middleware.problem import Problem, problem_response
 
 from . import __version__, reload
 from .access_log import LineBatcher
 from .admin import AdminState, create_admin_app
-from .app import create_app
-from .config import GatewayConfig
+from .app import CONFIG, ROUTES, create_app
+from .config import GatewayConfig, Limits
 from .metrics import Metrics, enable_multiprocess, forget_process
 
-__all__ = ("configure_logging", "serve")
+__all__ = ("GatewayProtocol", "GatewayRunner", "configure_logging", "serve")
 
 logger = logging.getLogger("gateway")
 
@@ -77,6 +87,245 @@ class OneLineParseErrors(logging.Filter):
             record.msg, record.args = "refused a malformed request (%d): %s", (error.code, reason)
             record.exc_info = record.exc_text = None
         return True
+
+
+# -- the HTTP protocol: slow clients and oversized heads ---------------------------------------
+
+_IDLE, _HEAD, _BODY = 0, 1, 2  # what a connection is waiting for from its client
+BODY_MIN_RATE = 500  # bytes a second a request body must average after its first body_timeout (Apache's)
+
+
+class GatewayProtocol(RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler with the two limits it lacks, and honest statuses.
+
+    - **Header timeout** (``limits.header_timeout``): from the connection's start, or from
+      the first byte of a later request on a keep-alive connection, the client has that long
+      to complete its request line and headers. Then it gets a 408 problem (or, when it never
+      sent a byte, a plain close) and the connection is closed. Idle time between
+      requests is aiohttp's keep-alive timeout, not this one.
+    - **Body timeout** (``limits.body_timeout``): the longest pause between two reads of a
+      request body; and the whole body gets ``body_timeout`` plus one second per
+      ``BODY_MIN_RATE`` bytes received (Apache's mod_reqtimeout ``MinRate`` rule), so a body
+      trickled a byte at a time is cut too. Time the gateway itself holds the client back (reading
+      paused while the upstream is slow to take the body) does not count. Then the
+      handler's read fails, the client gets a 408 if nothing of the response was sent yet,
+      and the connection is closed, so the upstream never sees a complete body.
+    - An oversized request line is a **414**, an oversized header field or too many header
+      fields a **431**, any other malformed request a 400; all problem+json and one log line.
+
+    One timer handle per connection: moving a deadline later only stores a float, and the
+    handle reschedules itself when it fires early (aiohttp's keep-alive timer does the same),
+    so a busy keep-alive connection costs one ``call_at`` per ``header_timeout``, not one
+    per request.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_timeout",
+        "_credit",
+        "_deadline",
+        "_head_bytes",
+        "_header_timeout",
+        "_limits",
+        "_phase",
+        "_timer",
+        "_timer_at",
+    )  # fmt: skip
+
+    def __init__(self, manager: web.Server, *, limits: Callable[[], Limits], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._header_timeout = self._body_timeout = 0.0  # set per connection, in connection_made
+        self._phase = _IDLE
+        self._deadline = 0.0  # when the current phase times out
+        self._credit = 0.0  # _BODY: when the body falls below BODY_MIN_RATE on average
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the handle fires
+        self._head_bytes = False  # some bytes of the awaited head have arrived
+        self._body: StreamReader | None = None  # the payload being received in _BODY
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self._limits()  # read per connection: a reload applies to new connections
+        self._header_timeout, self._body_timeout = limits.header_timeout, limits.body_timeout
+        super().connection_made(transport)
+        self._head_bytes = False
+        self._expect(_HEAD, self._header_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._phase = _IDLE
+        self._body = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded or self._payload_parser is not None or self._close or self._force_close:
+            super().data_received(data)  # a WebSocket (its own timeouts), or a connection on its way out
+            return
+        phase = self._phase
+        if phase == _IDLE:
+            self._head_bytes = True
+            self._expect(_HEAD, self._header_timeout)
+        elif phase == _HEAD:
+            self._head_bytes = True
+        else:
+            now = self._loop.time()
+            self._credit += len(data) / BODY_MIN_RATE
+            self._deadline = min(now + self._body_timeout, self._credit)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # a head is complete: now its body, if any is still to come
+            body = self._messages[-1][1] if self._messages else None
+            if isinstance(body, StreamReader) and not body.is_eof():
+                self._body = body
+                self._expect(_BODY, self._body_timeout)
+                self._credit = self._deadline
+            else:
+                self._phase, self._body = _IDLE, None
+        elif phase == _BODY and self._body is not None and self._body.is_eof():
+            self._phase, self._body = _IDLE, None
+
+    def _expect(self, phase: int, timeout: float) -> None:
+        self._phase = phase
+        deadline = self._deadline = self._loop.time() + timeout
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._phase == _IDLE or self.transport is None:
+            return
+        now = self._loop.time()
+        if self._phase == _BODY and (self._reading_paused or self._buffer_paused):
+            # we are the slow one, not the client: none of this is its time
+            self._credit = max(self._credit, now + self._body_timeout)
+            self._deadline = now + self._body_timeout
+        if now < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            self._timer_at = self._deadline
+        elif self._phase == _HEAD:
+            self._head_timed_out()
+        else:
+            self._body_timed_out()
+
+    def _head_timed_out(self) -> None:
+        self._phase = _IDLE
+        if self._request_in_progress or self._messages:
+            # A pipelined head trickles in behind a request still being answered: finish that
+            # response, then close, rather than write into the middle of it.
+            logger.warning("client %s: no complete request headers within %gs; closing after the current response",
+                           self._peer(), self._header_timeout)  # fmt: skip
+            self.close()
+            return
+        if self._head_bytes:
+            logger.warning(
+                "client %s: no complete request headers within %gs (408)", self._peer(), self._header_timeout
+            )
+            self._send_raw_problem(408, f"the request headers did not arrive within {self._header_timeout:g}s")
+        else:  # an idle connection that never sent a byte: close it quietly, as nginx does
+            logger.debug("client %s: idle for %gs without a request; closing", self._peer(), self._header_timeout)
+        self.force_close()
+
+    def _body_timed_out(self) -> None:
+        self._phase = _IDLE
+        body, self._body = self._body, None
+        request = self._current_request
+        detail = (
+            f"the request body stalled or came too slowly (more than {self._body_timeout:g}s without data, "
+            f"or under {BODY_MIN_RATE} bytes/s)"
+        )
+        logger.warning("client %s: %s (408)", self._peer(), detail)
+        if request is not None and request.writer.output_size == 0:
+            self._send_raw_problem(408, detail)
+        if body is not None:  # the handler's read fails; a partial body is never passed on as complete
+            body.set_exception(web.HTTPRequestTimeout(text="request body timed out"))
+        self.force_close()
+
+    def _send_raw_problem(self, status: int, detail: str) -> None:
+        """A problem written straight to the socket: nothing else is writing on this connection."""
+        if self.transport is None:
+            return
+        request_id = uuid.uuid4().hex
+        title = HTTPStatus(status).phrase
+        body = json.dumps(
+            {"type": "about:blank", "title": title, "status": status, "detail": detail, "request_id": request_id}
+        ).encode()
+        head = (
+            f"HTTP/1.1 {status} {title}\r\nContent-Type: application/problem+json\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {request_id}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode("ascii") + body)
+
+    def _peer(self) -> str:
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp's parser refused: 414, 431 or 400 as problem+json, one log line."""
+        if not isinstance(exc, HttpProcessingError) or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        status, detail = self._classify(exc)
+        if isinstance(exc, BadHttpMethod) and self._request_count == 1:
+            logger.debug("client %s sent something that is not HTTP (TLS on a plain port?)", self._peer())
+        else:
+            logger.warning("refused a malformed request from %s (%d): %s", self._peer(), status, detail)
+        request_id = uuid.uuid4().hex
+        response = problem_response(Problem(status, detail), request_id)
+        response.headers["X-Request-ID"] = request_id
+        response.force_close()
+        return response
+
+    def _classify(self, exc: HttpProcessingError) -> tuple[int, str]:
+        if isinstance(exc, LineTooLong):
+            if exc.args[1:2] == (self.max_line_size,):
+                return 414, f"the request line is longer than {self.max_line_size} bytes"
+            return 431, f"a header field is longer than {self.max_field_size} bytes"
+        reason = str(exc.message).strip().splitlines()[0][:200] if exc.message else type(exc).__name__
+        if reason.startswith("Too many headers"):
+            return 431, f"more than {self.max_headers} header fields"
+        return 400, f"malformed request: {reason}"
+
+
+class _GatewayServer(web.Server):
+    """aiohttp's connection factory, making :class:`GatewayProtocol` connections."""
+
+    def __init__(self, base: web.Server, limits: Callable[[], Limits]) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )
+        self._limits = limits
+
+    def __call__(self) -> GatewayProtocol:
+        return GatewayProtocol(self, loop=self._loop, limits=self._limits, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections are :class:`GatewayProtocol`s, with the live limits of
+    the gateway app it runs (after a reload, new connections get the new timeouts)."""
+
+    async def _make_server(self) -> web.Server:
+        return _GatewayServer(await super()._make_server(), functools.partial(current_limits, self.app))
+
+
+def current_limits(app: web.Application) -> Limits:
+    """The ``limits`` section in force: the last config loaded, else the startup one."""
+    config = app[ROUTES].config
+    return (config if config is not None else app[CONFIG]).limits
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -135,7 +384,7 @@ async def _serve(
     app = create_app(config, metrics=Metrics(multiprocess_dir=metrics_dir), access_log=LineBatcher(sys.stdout.buffer))
     reloader = reload.install(app, watch) if watch is not None else None
     state = AdminState()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_timeout)
+    runner = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain_timeout)
     admin = web.AppRunner(create_admin_app(app, state), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await admin.setup()

@@ -1,4 +1,5 @@
-"""Raw HTTP/1.1 over a socket, for requests an HTTP client would tidy up first (``..``, ``//``)."""
+"""Raw HTTP/1.1 over a socket, for requests an HTTP client would tidy up first (``..``, ``//``)
+or never send (trickled heads, stalled bodies)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ async def raw_request(
         data = await asyncio.wait_for(reader.read(), timeout=10)
     finally:
         writer.close()
+    return parse_response(data)
+
+
+def parse_response(data: bytes) -> RawResponse:
+    """One HTTP/1.x response from raw bytes (a chunked body is de-chunked)."""
     head_bytes, _, rest = data.partition(b"\r\n\r\n")
     lines = head_bytes.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -38,6 +44,22 @@ async def raw_request(
     if any(k.lower() == "transfer-encoding" and "chunked" in v for k, v in pairs):
         rest = _dechunk(rest)
     return RawResponse(status, pairs, rest)
+
+
+async def read_until_closed(reader: asyncio.StreamReader, seconds: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes the connection (a reset counts as closed);
+    ``TimeoutError`` if it is still open after ``seconds``."""
+    data = bytearray()
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
 
 
 def _dechunk(data: bytes) -> bytes:
@@ -50,3 +72,13 @@ def _dechunk(data: bytes) -> bytes:
         out += data[:size]
         data = data[size + 2 :]
     return bytes(out)
+
+
+async def read_response(reader: asyncio.StreamReader, seconds: float = 10.0) -> RawResponse:
+    """One response with a ``Content-Length`` from a connection that stays open (keep-alive)."""
+    async with asyncio.timeout(seconds):
+        head = await reader.readuntil(b"\r\n\r\n")
+        response = parse_response(head)
+        length = int(response.header("Content-Length") or 0)
+        body = await reader.readexactly(length)
+    return RawResponse(response.status, response.headers, body)

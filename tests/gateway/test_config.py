@@ -829,6 +829,11 @@ def test_unknown_key_in_defaults_is_reported_once() -> None:
             id="zero duration",
         ),
         pytest.param(
+            "limits: {body_timeout: 0ms}\n" + PLAIN,
+            "routes.yaml:1:24: limits.body_timeout: must be greater than 0",
+            id="negative body timeout",
+        ),
+        pytest.param(
             PLAIN + "    timeout: soon\n",
             f"routes.yaml:5:14: services.users.timeout: {BAD_DURATION}, got 'soon'",
             id="duration",

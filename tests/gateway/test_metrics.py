@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -133,3 +135,33 @@ async def test_open_websockets_are_a_gauge(make_gateway: MakeGateway, aiohttp_se
         await asyncio.sleep(0.01)
     assert metrics.snapshot().total("gateway_websocket_connections") == 1
     await second.close()
+
+
+async def test_asyncio_tasks_are_counted() -> None:
+    metrics = Metrics()
+    idle = [asyncio.create_task(asyncio.sleep(10)) for _ in range(5)]
+    try:
+        assert samples(metrics)[("gateway_asyncio_tasks", frozenset())] >= 6  # these five and the test's own
+    finally:
+        for task in idle:
+            task.cancel()
+        await asyncio.gather(*idle, return_exceptions=True)
+
+
+async def test_a_blocked_event_loop_shows_up_as_lag() -> None:
+    metrics = Metrics()
+    refresher = asyncio.create_task(metrics.refresher(every=0.05))
+    try:
+        await asyncio.sleep(0.01)  # the refresher is waiting for its next tick
+        time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the point
+        lag = 0.0
+        for _ in range(500):  # the next tick measures it: poll, bounded
+            lag = samples(metrics)[("gateway_event_loop_lag_seconds", frozenset())]
+            if lag >= 0.2:
+                break
+            await asyncio.sleep(0.01)
+        assert lag >= 0.2  # the tick was due 0.05 s after it started and ran after the 0.3 s block
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
