@@ -182,9 +182,17 @@ class GatewayProtocol(RequestHandler):
                 self._expect(_BODY, self._body_timeout)
                 self._credit = self._deadline
             else:
-                self._phase, self._body = _IDLE, None
+                self._idle()
         elif phase == _BODY and self._body is not None and self._body.is_eof():
-            self._phase, self._body = _IDLE, None
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nothing awaited from the client: no timer held while the connection idles (aiohttp's
+        keep-alive timer covers that), which keeps an idle connection's memory small."""
+        self._phase, self._body = _IDLE, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expect(self, phase: int, timeout: float) -> None:
         self._phase = phase

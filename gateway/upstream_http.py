@@ -253,6 +253,14 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: one request at a time, its response parsed by llhttp."""
 
+    __slots__ = (
+        "_body_unsent", "_buffered", "_busy", "_chunked", "_chunks", "_complete", "_drain", "_error", "_head",
+        "_head_only", "_head_size", "_keep_alive", "_last_read", "_lost", "_parser", "_paused", "_timeout",
+        "_timer", "_waiter", "connection", "content_length", "headers", "idle_since", "loop", "pool", "reason",
+        "status", "transport",
+    )  # fmt: skip
+    # (slots: one of these per pooled connection, so no __dict__ each)
+
     def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
