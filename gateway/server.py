@@ -6,6 +6,10 @@ again, with a growing pause when it keeps crashing). Each process serves the pub
 listener and the admin listener (SO_REUSEPORT too, so any worker answers it; metrics are
 aggregated over the workers, see :mod:`gateway.metrics`).
 
+Connections are served by :class:`GatewayProtocol` (through :class:`GatewayRunner`):
+aiohttp's HTTP/1.1 handler plus ``limits.header_timeout`` and ``limits.body_timeout`` for
+slow clients, and 414/431 problems for oversized request lines and headers.
+
 Signals: SIGHUP reloads routes.yaml (the supervisor passes it to every worker; each also
 watches the file). SIGTERM or SIGINT drains: ``/readyz`` turns 503, the listeners stop
 accepting, WebSockets are closed with 1001, in-flight requests get up to

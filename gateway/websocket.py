@@ -182,8 +182,15 @@ class WebSocketRelay:
         session = _Session(client, upstream, request.transport, config)
         try:
             await client.prepare(request)
+        except ConnectionError:  # the client left while the upstream was being opened: one line, no traceback
+            await session.close_upstream(WSCloseCode.GOING_AWAY, "client went away")
+            session.release_upstream()
+            logger.info("client went away during the WebSocket upgrade of %s", request.path)
+            request[OUTCOME].error = "client went away during the upgrade"
+            raise asyncio.CancelledError from None  # aiohttp ends a handler whose client is gone this way
         except BaseException:
             await session.close_upstream(WSCloseCode.GOING_AWAY, "client went away")
+            session.release_upstream()
             raise
         if relays is not None:
             relays.add(session)
@@ -347,7 +354,15 @@ class _Session:
             try:
                 await self._close_leftovers(self._first_end(up, down))
             finally:
+                self.release_upstream()
                 self.finished.set_result(None)
+
+    def release_upstream(self) -> None:
+        """Stop the upstream socket's heartbeat timer. aiohttp 3.14 re-arms it when the peer's
+        close frame arrives during close(), and the timer then holds the closed socket (its
+        reader, parser and connection, about 8 KiB) for ``ping_interval``: with sockets opened
+        and closed quickly, memory grew without bound (bench/README.md, "Soak")."""
+        self._upstream._cancel_heartbeat()
 
     def _first_end(self, up: asyncio.Task[_End], down: asyncio.Task[_End]) -> _End | None:
         for task in (up, down):

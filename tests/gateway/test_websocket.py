@@ -4,6 +4,7 @@ and the ``websockets`` library's clients."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -90,6 +91,11 @@ async def _refuse(request: web.Request) -> web.Response:
     return web.Response(status=int(request.match_info["status"]), text="no\n", headers={"Retry-After": "7"})
 
 
+async def _slow_socket(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(0.5)  # the handshake takes a while: time for the client to leave
+    return await _socket(request)
+
+
 async def _hang(request: web.Request) -> web.Response:
     await asyncio.sleep(0.5)
     return web.Response(text="late\n")
@@ -103,6 +109,7 @@ async def ws_upstream(aiohttp_server: AiohttpServer) -> TestServer:
     app.router.add_get("/ws/{tail:.*}", _socket)
     app.router.add_get("/refuse/{status}", _refuse)
     app.router.add_get("/hang", _hang)
+    app.router.add_get("/slow", _slow_socket)
     return await aiohttp_server(app)
 
 
@@ -522,3 +529,37 @@ async def test_access_log_line_of_a_relayed_socket(gateway: GatewayClient, caplo
     line = json.loads(next(r.getMessage() for r in caplog.records if r.name == "gateway.access"))
     assert (line["status"], line["service"]) == (101, "ws")
     assert line["upstream"].startswith("http://127.0.0.1:")
+
+
+async def test_closed_upstream_sockets_are_not_held_after_their_relay_ends(gateway: GatewayClient) -> None:
+    """aiohttp re-arms a client socket's heartbeat when the close frame comes during close();
+    the relay stops it, so a closed upstream socket is not kept for ping_interval (30 s)."""
+    for _ in range(10):
+        async with gateway.ws_connect("/api/ws/ws") as ws:
+            await ws.send_str("x")
+            await receive(ws)
+    relays = gateway.server.app[OPEN_RELAYS]
+    await eventually(lambda: not relays)
+    await asyncio.sleep(0.1)
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientWebSocketResponse) and o._heartbeat is not None]
+    assert held == []
+
+
+async def test_a_client_leaving_during_the_upgrade_is_a_499_without_a_traceback(
+    gateway: GatewayClient, ws_upstream: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = gateway.make_url("/")
+    with caplog.at_level(logging.INFO):
+        _, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(
+            b"GET /api/ws/slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the gateway is now waiting for the upstream's handshake
+        writer.close()
+        await eventually(
+            lambda: any('"status":499' in r.getMessage() for r in caplog.records if r.name == "gateway.access")
+        )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
