@@ -121,3 +121,78 @@ def test_a_matched_request_never_leaves_its_service(path: str) -> None:
 def test_known_escapes_are_400(path: str) -> None:
     with pytest.raises(Problem):
         TABLE.match("GET", path)
+
+
+# -- header handling: what reaches the upstream ----------------------------------------------
+
+_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade"]
+_OWN = ["X-User-Id", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded", "X-Request-ID", "Host"]
+_OTHER = ["Accept", "X-Private-Hop", "X-Custom", "Cookie", "Authorization"]
+_header_name = st.sampled_from(_HOP + _OWN + _OTHER).flatmap(
+    lambda name: st.sampled_from([name, name.lower(), name.upper(), name.swapcase()])
+)
+_header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)
+
+
+@FUZZ
+@given(st.lists(st.tuples(_header_name, _header_value), max_size=12))
+def test_upstream_headers_never_carry_hop_by_hop_spoofed_or_connection_named_headers(
+    headers: list[tuple[str, str]],
+) -> None:
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    from gateway.proxy import Forwarder
+    from middleware.base import REQUEST_ID
+
+    forwarder = Forwarder(
+        None,  # type: ignore[arg-type]  # the session is the WebSocket relay's; not used here
+        trusted_proxies=(),
+        max_body=1024,
+        strip_headers=frozenset({"X-User-Id"}),
+        claim_headers=lambda claims: {},
+    )
+    request = make_mocked_request("GET", "/api/svc/x", headers=CIMultiDict(headers))
+    request[REQUEST_ID] = "rid"
+    sent = forwarder.upstream_headers(request)
+    names = [name.lower() for name, _ in sent]
+    named = {t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",") if t.strip()}
+    assert not {name.lower() for name in _HOP} & set(names)
+    assert not named & (set(names) - {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"})
+    assert "x-user-id" not in names and "host" not in names and "forwarded" not in names
+    assert names.count("x-request-id") == 1 and ("X-Request-ID", "rid") in sent
+    assert names.count("x-forwarded-for") == 1  # the client's own (untrusted) copies dropped, ours added
+    assert all("\r" not in value and "\n" not in value for _, value in sent)
+
+
+# -- the cache key: what may and may not change it -------------------------------------------
+
+
+@FUZZ
+@given(
+    url=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=30),
+    unkeyed=_header_value,
+    host_a=_header_value,
+    host_b=_header_value,
+    subject=st.one_of(st.none(), _header_value),
+)
+def test_cache_key_ignores_unkeyed_headers_and_keeps_keyed_ones(
+    url: str, unkeyed: str, host_a: str, host_b: str, subject: str | None
+) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.stores import MemoryStore
+    from middleware.cache import CacheConfig, CacheMiddleware, _Lookup
+
+    cache = CacheMiddleware(CacheConfig(), store=MemoryStore(), scope="svc", target=lambda r: ("/", None))
+
+    def digest(headers: dict[str, str], sub: str | None) -> str:
+        request = make_mocked_request("GET", "/api/svc/x", headers=headers)
+        lookup = _Lookup("/x", url, sub, [b"1", None], [], "", None)
+        return cache._digest(request, lookup, [])
+
+    base = digest({"Host": host_a}, subject)
+    assert digest({"Host": host_a, "X-Unkeyed": unkeyed, "Accept": unkeyed}, subject) == base  # no poisoning
+    assert (digest({"Host": host_b}, subject) == base) == (host_a == host_b)
+    other = None if subject is not None else "someone"
+    assert digest({"Host": host_a}, other) != base  # alice, bob and anonymous never share an entry
