@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_urldispatcher
+from yarl import URL
 
 from middleware import base
 from middleware.auth import KeySource, VerifiedTokens, claim_header_names, claim_headers
-from middleware.base import OUTCOME, Store, StoreUnavailable
+from middleware.base import OUTCOME, Handler, Store, StoreUnavailable
 from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
 
@@ -83,8 +84,45 @@ def create_app(
     app.cleanup_ctx.extend([client_session, store, jwt_keys, route_table, refresh_in_background])  # reverse teardown
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
-    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # every path, even one with an encoded newline
+    app.router.register_resource(EveryPath(dispatch))  # every path, even one with an encoded newline
     return app
+
+
+class EveryPath(web_urldispatcher.AbstractResource):
+    """One handler for every path and method: the gateway routes by itself (:class:`RouteTable`),
+    so aiohttp's router only has to hand every request over. A resource that matches without a
+    regular expression or a match dict does that in a fraction of what ``/{tail:.*}`` costs
+    (the router's resolve was about 5% of a proxied request's time)."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__()
+        self._route = web_urldispatcher.ResourceRoute(hdrs.METH_ANY, handler, self)
+        self._nothing: dict[str, str] = {}
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL.build(path="/")
+
+    async def resolve(self, request: web.Request) -> tuple[web_urldispatcher.UrlMappingMatchInfo, set[str]]:
+        return web_urldispatcher.UrlMappingMatchInfo(self._nothing, self._route), set()
+
+    def add_prefix(self, prefix: str) -> None:
+        raise NotImplementedError("the gateway's catch-all resource takes no prefix")
+
+    def get_info(self) -> web_urldispatcher._InfoDict:
+        return {"path": "/"}
+
+    def raw_match(self, path: str) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[web_urldispatcher.AbstractRoute]:
+        return iter((self._route,))
 
 
 async def _flushed(lines: LineBatcher) -> None:
