@@ -15,10 +15,10 @@ Stdlib + aiohttp only; run ``python bench/minimal_proxy.py --upstream http://127
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, hdrs, web
+from loops import new_loop
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -80,19 +80,6 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-def _new_loop(choice: str) -> tuple[str, asyncio.AbstractEventLoop]:
-    """uvloop when installed (as the gateway does, DESIGN §2) unless ``--loop asyncio``."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            return "uvloop", uvloop.new_event_loop()
-    return "asyncio", asyncio.new_event_loop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8081")
@@ -100,7 +87,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     args = parser.parse_args()
-    loop_name, loop = _new_loop(args.loop)
+    loop_name, loop = new_loop(args.loop)
     print(f"minimal proxy on http://{args.host}:{args.port} -> {args.upstream} (loop: {loop_name})", flush=True)
     web.run_app(make_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None, loop=loop)
 

@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, ClientWebSocketResponse, DummyCookieJar, TCPConnector, WSMsgType, hdrs, web
+from loops import new_loop
 
 SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
@@ -72,18 +73,6 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-def _new_loop(choice: str) -> tuple[str, asyncio.AbstractEventLoop]:
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            return "uvloop", uvloop.new_event_loop()
-    return "asyncio", asyncio.new_event_loop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:9100")
@@ -91,7 +80,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     args = parser.parse_args()
-    loop_name, loop = _new_loop(args.loop)
+    loop_name, loop = new_loop(args.loop)
     print(f"minimal ws relay on http://{args.host}:{args.port} -> {args.upstream} (loop: {loop_name})", flush=True)
     web.run_app(make_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None, loop=loop,
                 backlog=4096)  # fmt: skip

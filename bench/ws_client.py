@@ -24,6 +24,7 @@ import sys
 import time
 
 import aiohttp
+from loops import new_loop
 from yarl import URL
 
 OPEN_CONCURRENCY = 100  # handshakes in flight while opening idle connections
@@ -140,16 +141,6 @@ async def hold_http(url: str, count: int) -> None:
         writer.close()
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, as the gateway does."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("mode", choices=("rtt", "hold-ws", "hold-http"))
@@ -161,7 +152,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=5000)
     args = parser.parse_args()
     raise_nofile()
-    loop = new_loop()
+    _, loop = new_loop()
     try:
         if args.mode == "rtt":
             result = loop.run_until_complete(rtt(args.url, args.clients, args.size, args.warmup, args.seconds))

@@ -7,9 +7,9 @@ Any path upgrades; a plain GET answers ``ok`` (the harness's readiness probe). R
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from aiohttp import WSMsgType, web
+from loops import new_loop
 
 
 async def echo(request: web.Request) -> web.StreamResponse:
@@ -25,22 +25,12 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, as the gateway does."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    loop = new_loop()
+    _, loop = new_loop()
     app = web.Application()
     app.router.add_get("/{tail:.*}", echo)
     print(f"ws echo on http://{args.host}:{args.port} (loop: {type(loop).__module__})", flush=True)
