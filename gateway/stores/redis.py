@@ -112,10 +112,7 @@ class RedisStore:
 
     async def get(self, key: str) -> bytes | None:
         name = self.key(key)
-        if self._detach:
-            value = await self._edge("get", lambda client: client.get(name))
-        else:
-            value = await self._batched(lambda pipe: pipe.get(name))
+        value = await self._call("get", lambda redis: redis.get(name))
         return cast("bytes | None", value)  # responses are not decoded
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
@@ -124,19 +121,13 @@ class RedisStore:
             await self.delete(key)
             return
         name, px = self.key(key), _ms(ttl)
-        if self._detach:
-            await self._edge("set", lambda client: client.set(name, value, px=px))
-        else:
-            await self._batched(lambda pipe: pipe.set(name, value, px=px))
+        await self._call("set", lambda redis: redis.set(name, value, px=px))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0
         names = [self.key(key) for key in keys]
-        if self._detach:  # a Cluster client splits the DEL by slot
-            found = await self._edge("delete", lambda client: client.delete(*names))
-        else:
-            found = await self._batched(lambda pipe: pipe.delete(*names))
+        found = await self._call("delete", lambda redis: redis.delete(*names))  # a Cluster client splits it by slot
         return int(found)
 
     async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
@@ -144,10 +135,7 @@ class RedisStore:
         if ttl <= 0:
             return False
         name, px = self.key(key), _ms(ttl)
-        if self._detach:
-            stored = await self._edge("add", lambda client: client.set(name, value, px=px, nx=True))
-        else:
-            stored = await self._batched(lambda pipe: pipe.set(name, value, px=px, nx=True))
+        stored = await self._call("add", lambda redis: redis.set(name, value, px=px, nx=True))
         return bool(stored)
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
@@ -183,21 +171,23 @@ class RedisStore:
 
     async def smembers(self, key: str) -> frozenset[str]:
         name = self.key(key)
-        if self._detach:
-            values = await self._edge("smembers", lambda client: client.smembers(name))
-        else:
-            values = await self._batched(lambda pipe: pipe.smembers(name))
+        values = await self._call("smembers", lambda redis: redis.smembers(name))
         return frozenset(value.decode() if isinstance(value, bytes) else value for value in values)
 
     async def incr(self, key: str) -> int:
         name = self.key(key)
-        if self._detach:
-            count = await self._edge("incr", lambda client: client.incr(name))
-        else:
-            count = await self._batched(lambda pipe: pipe.incr(name))
+        count = await self._call("incr", lambda redis: redis.incr(name))
         return int(count)
 
     # -- one pipeline per event-loop turn (one Redis) --------------------------------------
+
+    async def _call(self, what: str, command: Callable[[Any], Any]) -> Any:
+        """One command, given as a call on redis-py's command API (which a client and a
+        pipeline share): staged in this turn's pipeline on one Redis, sent alone on a Cluster
+        (whose client routes each command to the node of its slot)."""
+        if self._detach:
+            return await self._edge(what, command)
+        return await self._batched(command)
 
     async def _batched(self, stage: Stage) -> Any:
         """Queue the command(s) ``stage`` adds to a pipeline; the result of the last one."""
