@@ -110,7 +110,9 @@ class EveryPath(web_urldispatcher.AbstractResource):
         return web_urldispatcher.UrlMappingMatchInfo(self._nothing, self._route), set()
 
     def add_prefix(self, prefix: str) -> None:
-        raise NotImplementedError("the gateway's catch-all resource takes no prefix")
+        # aiohttp calls this when an app is mounted with add_subapp(prefix, app); the gateway
+        # owns its whole URL space (DESIGN §4: /api/<service>/...), so that is refused loudly
+        raise ValueError(f"the gateway app cannot be mounted under a prefix ({prefix!r}); run it as the root app")
 
     def get_info(self) -> web_urldispatcher._InfoDict:
         return {"path": "/"}

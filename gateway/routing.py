@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from middleware.base import Handler
+from middleware.base import Handler, Recent
 from middleware.problem import Problem
 
 from .config import Route, Service
@@ -27,8 +27,6 @@ __all__ = ("API_PREFIX", "TARGET", "Match", "RouteTable", "Target", "normalise_p
 API_PREFIX = "api"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%(..)?", re.DOTALL)
-_RECENT = 4096  # targets whose match is remembered; the memory starts over when full
-_RECENT_SIZE = 2048  # characters of target up to which its match is remembered
 _UNSAFE_CHAR = re.compile(r"[\x00-\x1f\x7f\\]")
 _FORBIDDEN_ESCAPES = frozenset({"00", "0A", "0D", "2F", "5C"})
 _HEX = frozenset("0123456789ABCDEFabcdef")
@@ -103,7 +101,7 @@ class RouteTable:
     def __init__(self, services: Mapping[str, Service], handlers: Mapping[str, Handler]) -> None:
         self._services = {name: service.routes for name, service in services.items()}
         self._handlers = handlers  # route name -> built chain
-        self._recent: dict[tuple[str, str], Match | None] = {}  # (method, raw target) -> its match
+        self._recent: Recent[tuple[str, str], Match | None] = Recent()  # (method, raw target) -> its match
 
     def match(self, method: str, raw_target: str) -> Match | None:
         """The route for a raw request target (path and query), or None when no service claims it.
@@ -118,10 +116,7 @@ class RouteTable:
         except KeyError:
             pass
         found = self._match(method, raw_target)
-        if len(raw_target) <= _RECENT_SIZE:  # long targets would make a big memory
-            if len(self._recent) >= _RECENT:
-                self._recent.clear()
-            self._recent[key] = found
+        self._recent.keep(key, found, len(raw_target))
         return found
 
     def _match(self, method: str, raw_target: str) -> Match | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -163,3 +163,33 @@ async def _apply_response_headers(request: web.BaseRequest, response: web.Stream
 def install(app: web.Application) -> None:
     """Register the hook that applies :func:`add_response_headers` (call once per app)."""
     app.on_response_prepare.append(_apply_response_headers)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """A bounded memory of recent answers of a pure function (route matches, cache keys):
+    when full it forgets everything and starts over, which costs nothing per lookup (unlike
+    an LRU). Answers whose inputs are longer than ``max_size`` (by the caller's measure) are
+    not kept, so no client can make the memory big."""
+
+    def __init__(self, *, entries: int = 4096, max_size: int = 2048) -> None:
+        self._items: dict[K, V] = {}
+        self._entries = entries
+        self._max_size = max_size
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def __getitem__(self, key: K) -> V:
+        return self._items[key]
+
+    def keep(self, key: K, value: V, size: int) -> None:
+        """Remember ``value`` for ``key`` (whose inputs measure ``size``) if it is small enough."""
+        if size > self._max_size:
+            return
+        if len(self._items) >= self._entries:
+            self._items.clear()
+        self._items[key] = value

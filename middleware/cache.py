@@ -51,7 +51,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from ._cache_key import DecodedEntries, Entry, Keys, cache_control, freshness, tags_of, vary_of
-from .base import BODY_TAP, CLAIMS, OUTCOME, Handler, Outcome, Store, StoreUnavailable, add_response_headers
+from .base import BODY_TAP, CLAIMS, OUTCOME, Handler, Outcome, Recent, Store, StoreUnavailable, add_response_headers
 from .problem import Problem
 from .schema import Section
 
@@ -73,8 +73,6 @@ _KEYED = ("host", "x-forwarded-host", "x-forwarded-proto", "forwarded")
 _NEVER_STORED = ("no-store", "private", "no-cache")  # response Cache-Control directives
 _INDEX_TTL = 24 * 3600.0  # seconds the purge index outlives its latest entry, at least
 _POLL = 0.05  # seconds between two looks for the entry another instance is filling
-_RECENT_URLS = 4096  # URLs whose lookup keys and digests are remembered; the memory starts over when full
-_REMEMBERED_SIZE = 2048  # characters of URL (and keyed header values) up to which they are remembered
 
 _Filled = tuple[Entry, str]  # an entry and its digest, for the misses that waited for it
 Target = Callable[[web.Request], tuple[str, str | None]]
@@ -219,8 +217,8 @@ class CacheMiddleware:
         self._lock_wait = lock_wait
         self._stale = max(config.stale_while_revalidate, config.stale_if_error)
         self._entries = DecodedEntries()
-        self._lookup_keys: dict[str, tuple[str, str, str]] = {}  # URL -> the keys its lookup reads
-        self._digests: dict[tuple[object, ...], str] = {}  # a lookup's inputs -> its entry digest
+        self._lookup_keys: Recent[str, tuple[str, str, str]] = Recent()  # URL -> the keys its lookup reads
+        self._digests: Recent[tuple[object, ...], str] = Recent()  # a lookup's inputs -> its entry digest
         self._inflight: dict[str, asyncio.Future[_Filled | None]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -268,10 +266,7 @@ class CacheMiddleware:
         lookup_keys = self._lookup_keys.get(url)
         if lookup_keys is None:  # two digests per URL, remembered for recent (short) URLs
             lookup_keys = (keys.generation, keys.path_generation(path), keys.vary(url))
-            if len(url) <= _REMEMBERED_SIZE:
-                if len(self._lookup_keys) >= _RECENT_URLS:
-                    self._lookup_keys.clear()
-                self._lookup_keys[url] = lookup_keys
+            self._lookup_keys.keep(url, lookup_keys, len(url))
         service_gen, path_gen, vary = await self._store.get_many(*lookup_keys)
         varying = vary.decode().split(",") if vary else []
         lookup = _Lookup(path, url, subject, [service_gen, path_gen], varying, "", None)
@@ -290,10 +285,7 @@ class CacheMiddleware:
         digest = self._digests.get(inputs)
         if digest is None:
             digest = Keys.digest(lookup.generations, lookup.url, lookup.subject, values)
-            if len(lookup.url) + sum(map(len, values)) <= _REMEMBERED_SIZE:  # big inputs would make a big memory
-                if len(self._digests) >= _RECENT_URLS:
-                    self._digests.clear()
-                self._digests[inputs] = digest
+            self._digests.keep(inputs, digest, len(lookup.url) + sum(map(len, values)))
         return digest
 
     # -- answers -------------------------------------------------------------------------

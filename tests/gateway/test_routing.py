@@ -210,3 +210,13 @@ async def test_the_matched_route_is_in_the_access_log(
         await client.get("/api/svc/echo/private/x")
     routes = [json.loads(r.getMessage())["route"] for r in caplog.records if r.name == "gateway.access"]
     assert routes == ["svc/routes/0", "svc"]
+
+
+def test_the_gateway_app_refuses_to_be_mounted_under_a_prefix() -> None:
+    from aiohttp import web
+
+    from gateway.app import create_app
+
+    parent = web.Application()
+    with pytest.raises(ValueError, match="cannot be mounted under a prefix"):
+        parent.add_subapp("/gw", create_app(load_text(TABLE_YAML)))
