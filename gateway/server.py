@@ -169,8 +169,11 @@ class GatewayProtocol(RequestHandler):
             return
         phase = self._phase
         if phase == _IDLE:
+            # the header timeout starts now, but most heads arrive whole: the timer is armed
+            # below only when this data left the head incomplete
             self._head_bytes = True
-            self._expect(_HEAD, self._header_timeout)
+            self._phase = _HEAD
+            self._deadline = self._loop.time() + self._header_timeout
         elif phase == _HEAD:
             self._head_bytes = True
         else:
@@ -189,6 +192,8 @@ class GatewayProtocol(RequestHandler):
                 self._idle()
         elif phase == _BODY and self._body is not None and self._body.is_eof():
             self._idle()
+        elif self._phase == _HEAD and self.transport is not None:
+            self._arm(self._deadline)
 
     def _idle(self) -> None:
         """Nothing awaited from the client: no timer held while the connection idles (aiohttp's
@@ -200,7 +205,11 @@ class GatewayProtocol(RequestHandler):
 
     def _expect(self, phase: int, timeout: float) -> None:
         self._phase = phase
-        deadline = self._deadline = self._loop.time() + timeout
+        self._deadline = self._loop.time() + timeout
+        self._arm(self._deadline)
+
+    def _arm(self, deadline: float) -> None:
+        """Have the timer fire by ``deadline`` (it keeps a later deadline to itself, see _on_timer)."""
         if self._timer is None or self._timer_at > deadline:
             if self._timer is not None:
                 self._timer.cancel()

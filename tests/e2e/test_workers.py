@@ -13,6 +13,7 @@ import aiohttp
 import psutil
 from aiohttp.test_utils import TestServer
 
+from gateway.metrics import REFRESH_EVERY
 from tests.conftest import free_port, upstream
 from tests.e2e.conftest import GatewayProcess, StartGateway, gateway_command
 
@@ -63,12 +64,23 @@ async def scrape(gateway: GatewayProcess) -> float:
     )
 
 
+async def scrape_once_folded(gateway: GatewayProcess, expected: float) -> float:
+    """A scrape after every worker has added its tally to the shared files (once a second):
+    the first one reporting ``expected``, or the last tried after three seconds."""
+    for _ in range(int(3 * REFRESH_EVERY / 0.1)):
+        if (total := await scrape(gateway)) == expected:
+            break
+        await asyncio.sleep(0.1)
+    return total
+
+
 async def test_workers_share_metrics_survive_a_crash_and_reload_together(
     start_gateway: StartGateway, backend: TestServer
 ) -> None:
     gateway = start_gateway(YAML.format(upstream=upstream(backend), drain="5s"), "--workers", "2")
     wait_until(lambda: len(workers(gateway)) == 2)
     assert await statuses(f"{gateway.url}/api/svc/echo/x", 40) == [200] * 40
+    assert await scrape_once_folded(gateway, 40.0) == 40.0
     assert [await scrape(gateway) for _ in range(6)] == [40.0] * 6  # every worker reports the sum
 
     victim = workers(gateway)[0]
@@ -76,7 +88,7 @@ async def test_workers_share_metrics_survive_a_crash_and_reload_together(
     wait_until(lambda: (now := workers(gateway)) and len(now) == 2 and victim not in now)
     await asyncio.sleep(0.3)  # the new worker binds its sockets
     assert await statuses(f"{gateway.url}/api/svc/echo/x", 10) == [200] * 10
-    assert await scrape(gateway) == 50.0  # the dead worker's counts are kept
+    assert await scrape_once_folded(gateway, 50.0) == 50.0  # the dead worker's counts are kept
 
     assert gateway.config is not None
     gateway.config.write_text(gateway.config.read_text().replace("svc:", "svc2:"))

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import ROUTES
 from gateway.metrics import METRICS, Metrics, quantile
+from middleware.base import Outcome
 from tests.conftest import MakeGateway, upstream
 
 YAML = """
@@ -82,6 +83,29 @@ def test_each_app_has_its_own_registry() -> None:
     one.reloads.labels(result="success").inc()
     assert two.snapshot().total("gateway_config_reloads_total") == 0
     assert one.snapshot().total("gateway_config_reloads_total", result="success") == 1
+
+
+def test_tallied_durations_land_in_the_buckets_histogram_observe_would_use() -> None:
+    tallied, observed = Metrics(), Metrics()
+    request = make_mocked_request("GET", "/api/svc/x")
+    outcome = Outcome(service="svc")
+    for seconds in (0.0005, 0.001, 0.0011, 0.3, 45.0):  # 0.001 is a bound: it counts in that bucket
+        tallied.observe(request, outcome, 200, seconds)
+        observed.duration.labels("svc").observe(seconds)
+    reference = observed.snapshot().samples["gateway_request_duration_seconds_bucket"]
+    buckets = tallied.snapshot().samples["gateway_request_duration_seconds_bucket"]
+    assert [(s.labels["le"], s.value) for s in buckets] == [(s.labels["le"], s.value) for s in reference]
+    assert tallied.snapshot().total("gateway_request_duration_seconds_sum") == pytest.approx(45.3026)
+
+
+def test_tallied_requests_reach_the_series_at_the_next_refresh_only() -> None:
+    metrics = Metrics()
+    metrics.observe(make_mocked_request("GET", "/api/svc/x"), Outcome(service="svc", cache="HIT"), 200, 0.01)
+    assert metrics.requests.labels("svc", "GET", "200")._value.get() == 0  # not yet folded
+    snapshot = metrics.snapshot()
+    assert snapshot.total("gateway_requests_total", service="svc", status="200") == 1
+    assert snapshot.by("gateway_cache_total", "result") == {"hit": 1.0}
+    assert metrics.snapshot().total("gateway_requests_total") == 1  # folded once, not again
 
 
 @pytest.mark.parametrize(
