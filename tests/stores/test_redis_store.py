@@ -321,3 +321,31 @@ async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: 
         assert await store.get("k") == b"v"
     finally:
         await store.aclose()
+
+
+async def test_a_connection_redis_closed_is_replaced_within_the_same_call(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
+    try:
+        await store.set("k", b"v", ttl=60)
+        with restartable_redis.client() as check:
+            assert check.client_kill_filter(_type="normal", skipme=True) >= 1  # the store's pooled connection
+        assert await store.get("k") == b"v"  # no StoreUnavailable: one more try on a fresh connection
+    finally:
+        await store.aclose()
+
+
+async def test_a_call_cut_short_leaves_no_reply_behind_for_the_next_one(restartable_redis: RedisServer) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=0.2), namespace=unique_namespace())
+    try:
+        await store.set("a", b"1", ttl=60)
+        await store.set("b", b"2", ttl=60)
+        restartable_redis.pause()  # the GET below is sent, and answered only after its timeout
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.get("a")
+        finally:
+            restartable_redis.resume()
+        assert await store.get("b") == b"2"  # not the late reply to the GET of "a"
+        assert await store.get("a") == b"1"
+    finally:
+        await store.aclose()
