@@ -344,6 +344,41 @@ async def test_server_that_never_answers_is_a_read_timeout(serve: Serve, make_po
     await within((await server.peer(0)).client_closed.wait())  # and the connection is given up
 
 
+def answers_once_then_stalls() -> Callable[[Peer], Awaitable[None]]:
+    async def handle(peer: Peer) -> None:
+        await peer.read_request()
+        peer.send(response(b"first"))
+        await peer.read_request()
+        await peer.until_client_closes()
+
+    return handle
+
+
+async def test_a_shorter_read_timeout_on_a_reused_connection_applies(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answers_once_then_stalls())
+    pool = make_pool(server)
+    assert await fetch(pool, read_timeout=30.0) == (200, b"first")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ReadTimeout):
+        await within(pool.request("GET", "/", [], read_timeout=0.3))  # the same connection, a 30 s timer on it
+    assert loop.time() - started < 2.0
+    assert len(server.peers) == 1
+
+
+async def test_a_reused_connection_gets_the_whole_read_timeout_again(serve: Serve, make_pool: MakePool) -> None:
+    server = await serve(answers_once_then_stalls())
+    pool = make_pool(server)
+    assert await fetch(pool, read_timeout=0.5) == (200, b"first")
+    await asyncio.sleep(0.3)  # the first exchange's deadline is 0.2 s away now
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ReadTimeout):
+        await within(pool.request("GET", "/", [], read_timeout=0.5))
+    assert loop.time() - started >= 0.49
+    assert len(server.peers) == 1
+
+
 async def test_body_stalled_mid_way_is_a_read_timeout_from_readany(serve: Serve, make_pool: MakePool) -> None:
     async def handle(peer: Peer) -> None:
         await peer.read_request()
