@@ -7,8 +7,10 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import redis
 import redis.cluster
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -349,3 +351,29 @@ async def test_a_call_cut_short_leaves_no_reply_behind_for_the_next_one(restarta
         assert await store.get("a") == b"1"
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_a_password_and_a_database_number_apply_to_the_batched_commands(tmp_path: Path, over: str) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = RedisServer(tmp_path, "--unixsocket", str(socket_path))
+    server.start()
+    try:
+        with server.client() as setup:
+            setup.config_set("requirepass", "s3cret")
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3" if over == "tcp" else f"unix://:s3cret@{socket_path}?db=3"
+        store = open_store(StoreConfig(url=url, timeout=2.0), namespace="t:")
+        try:
+            results = await asyncio.gather(
+                store.set("k", b"v", ttl=60), store.take("rl", limit=5, period=60), store.sadd("s", "m", ttl=60)
+            )
+            assert results[1].remaining == 4
+            assert await store.get("k") == b"v"
+        finally:
+            await store.aclose()
+        with redis.Redis(port=server.port, password="s3cret", db=3) as check:
+            assert check.get("t:{k}") == b"v"  # in database 3, where the URL said
+        with redis.Redis(port=server.port, password="s3cret", db=0) as check:
+            assert check.dbsize() == 0
+    finally:
+        server.stop()
