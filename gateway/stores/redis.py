@@ -229,16 +229,17 @@ class RedisStore:
             else:
                 future.set_result(result)
 
-    async def _pipelined(
-        self, client: Client, batch: list[tuple[tuple[Command, ...], asyncio.Future[Any]]]
-    ) -> list[Any]:
+    async def _pipelined(self, client: Client, batch: Batch) -> list[Any]:
         """Each queued entry's result: the reply to its last command, or the first error among its commands."""
         commands = [command for entry, _ in batch for command in entry]
         replies = await self._exchange(client, commands)
-        if any(isinstance(reply, NoScriptError) for reply in replies):  # a restarted or flushed Redis
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:  # a restarted or flushed Redis: load the script, and run again only what failed
+            # (the rest of the batch did run: an INCR or a take sent twice would count twice)
             self._gcra.sha = await client.script_load(LUA)
-            commands = [_with_sha(command, self._gcra.sha) for command in commands]
-            replies = await self._exchange(client, commands)
+            again = await self._exchange(client, [_with_sha(commands[i], self._gcra.sha) for i in unknown])
+            for i, reply in zip(unknown, again, strict=True):
+                replies[i] = reply
         results, begin = [], 0
         for entry, _ in batch:
             end = begin + len(entry)

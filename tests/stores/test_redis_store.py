@@ -377,3 +377,17 @@ async def test_a_password_and_a_database_number_apply_to_the_batched_commands(tm
             assert check.dbsize() == 0
     finally:
         server.stop()
+
+
+async def test_after_a_script_flush_the_rest_of_the_batch_runs_once(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, namespace=unique_namespace(), timeout=2.0)
+    try:
+        await store.take("rl", limit=5, period=60)
+        with redis_server.client() as client:
+            client.script_flush()
+        quota, count = await asyncio.gather(store.take("rl", limit=5, period=60), store.incr("n"))  # one batch
+        assert (quota.remaining, count) == (3, 1)
+        assert await store.incr("n") == 2
+        assert (await store.take("rl", limit=5, period=60)).remaining == 2
+    finally:
+        await store.aclose()
