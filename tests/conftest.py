@@ -17,6 +17,11 @@ from tests.backends import echo_app
 pytest_plugins = ["tests.redis_servers"]  # redis_server, restartable_redis, redis_cluster
 
 
+# Nothing listens on port 1: a connection there is refused at once. A free_port() is not a dead
+# upstream: the OS may hand the same port to a server the test starts afterwards (the gateway's own).
+REFUSED = "http://127.0.0.1:1"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

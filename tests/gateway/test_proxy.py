@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.backends import BACKEND_STATE, GZIP_BODY, echo_app
-from tests.conftest import GatewayClient, MakeGateway, free_port, upstream
+from tests.conftest import REFUSED, GatewayClient, MakeGateway, upstream
 from tests.rawhttp import raw_request
 from tests.rawserver import RawServer, answering
 
@@ -229,7 +229,7 @@ async def _problem(response: aiohttp.ClientResponse, status: int) -> dict[str, o
 
 
 async def test_refused_connection_is_502(make_gateway: MakeGateway) -> None:
-    client = await make_gateway(YAML, upstream=f"http://127.0.0.1:{free_port()}", trusted="10.0.0.0/8")
+    client = await make_gateway(YAML, upstream=REFUSED, trusted="10.0.0.0/8")
     await _problem(await client.get("/api/svc/x"), 502)
 
 

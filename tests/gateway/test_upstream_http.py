@@ -28,7 +28,7 @@ from gateway.upstream_http import (
     InvalidResponse,
     ReadTimeout,
 )
-from tests.conftest import free_port
+from tests.conftest import REFUSED
 from tests.rawserver import Handler, Peer, RawServer, ServerRequest, answering, response
 
 WAIT = 10.0  # seconds any one wait may take before the test fails (generous: a loaded 2-core machine)
@@ -432,7 +432,7 @@ async def test_request_body_streamed_for_longer_than_the_read_timeout_is_not_tim
 
 
 async def test_refused_port_is_connect_failed(make_pool: MakePool) -> None:
-    pool = make_pool(URL(f"http://127.0.0.1:{free_port()}"))
+    pool = make_pool(URL(REFUSED))
     with pytest.raises(ConnectFailed) as raised:
         await within(pool.request("GET", "/", [], connect_timeout=5.0))
     assert not isinstance(raised.value, ConnectTimeout)

@@ -12,7 +12,7 @@ from yarl import URL
 from gateway.config import BreakerConfig
 from gateway.upstreams import UpstreamPool
 from tests.backends import BACKEND_STATE, echo_app
-from tests.conftest import MakeGateway, free_port, upstream
+from tests.conftest import REFUSED, MakeGateway, upstream
 
 
 class Clock:
@@ -111,7 +111,7 @@ async def test_requests_alternate_between_upstreams(
 
 
 async def test_one_dead_upstream_costs_no_failed_requests(make_gateway: MakeGateway, backend: TestServer) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = REFUSED
     client = await make_gateway(YAML, retries=1, upstreams=f"{dead}, {upstream(backend)}")
     statuses = [(await client.post("/api/svc/count")).status for _ in range(10)]
     assert statuses == [200] * 10  # a refused connect never reached the upstream: retried even for POST
@@ -119,7 +119,7 @@ async def test_one_dead_upstream_costs_no_failed_requests(make_gateway: MakeGate
 
 
 async def test_all_upstreams_out_is_503(make_gateway: MakeGateway) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = REFUSED
     client = await make_gateway(YAML, retries=0, upstreams=dead)
     first = [(await client.get("/api/svc/x")).status for _ in range(2)]
     assert first == [502, 502]

@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 
 from gateway.websocket import OPEN_RELAYS
 from tests.backends import BACKEND_STATE
-from tests.conftest import JWT_TEST_SECRET, GatewayClient, MakeGateway, free_port, upstream
+from tests.conftest import JWT_TEST_SECRET, REFUSED, GatewayClient, MakeGateway, upstream
 
 # -- an upstream that shows what it received and does what it is told --------------------
 
@@ -274,7 +274,7 @@ async def test_upstream_refusal_keeps_retry_after(gateway: GatewayClient) -> Non
 
 
 async def test_unreachable_upstream_is_502(make_gateway: MakeGateway) -> None:
-    gateway = await make_gateway(routes(f"http://127.0.0.1:{free_port()}"))
+    gateway = await make_gateway(routes(REFUSED))
     status, body, _ = await _refusal(gateway, "/api/ws/ws")
     assert status == 502 and "could be reached" in str(body["detail"])
 
