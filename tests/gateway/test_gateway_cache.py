@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import STORE
 from gateway.stores import MemoryStore
-from tests.conftest import JWT_TEST_SECRET, GatewayClient, MakeGateway, free_port, upstream
+from tests.conftest import JWT_TEST_SECRET, GatewayClient, MakeGateway, upstream
 from tests.gateway.cache_backend import CACHE_BACKEND, CacheBackend, cache_backend_app
 
 YAML = """
@@ -346,7 +346,7 @@ async def test_without_stale_if_error_the_error_passes(gateway: Gateway, name: s
 async def test_store_down_bypasses(make_gateway: MakeGateway, cache_server: TestServer, name: str) -> None:
     client = await make_gateway(
         YAML,
-        store=f"redis://127.0.0.1:{free_port()}/0",
+        store="redis://127.0.0.1:1/0",  # refused: nothing listens on port 1
         name=name,
         upstream=upstream(cache_server),
         auth="none",
