@@ -154,7 +154,9 @@ class Reloader:
 
     async def watch(self, every: float = POLL_EVERY) -> None:
         """Poll the file forever; reload when its content changed and two looks in a row agree
-        (so a file caught half-written is not taken for a broken config)."""
+        (so a file caught half-written is not taken for a broken config). A file put back to the
+        version being served after a failed reload is loaded again too, so the failure and its
+        errors do not stay on ``/config`` (the result is then "unchanged")."""
         seen: str | None = None
         while True:
             await asyncio.sleep(every)
@@ -162,7 +164,9 @@ class Reloader:
             if data is None:
                 continue  # between an editor's delete and create; the next look will tell
             version = config_version(data)
-            if version in (self.status.version, self._last_failed()):
+            failed = self._last_failed()
+            # the served version again after a failure is loaded once more: that clears the failure
+            if version == failed or (version == self.status.version and failed is None):
                 seen = None
                 continue
             if version == seen:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,33 @@ async def test_an_invalid_file_keeps_the_old_routes(tmp_path: Path, backend: Tes
     assert status.version == version
     assert status.errors == [f"{tmp_path / 'routes.yaml'}:4:5: services.svc.timout: unknown key"]
     assert gateway.app[METRICS].snapshot().total("gateway_config_reloads_total", result="failure") == 1
+
+
+async def test_a_file_put_back_after_a_failed_reload_clears_the_failure(
+    tmp_path: Path, backend: TestServer, aiohttp_client: Any
+) -> None:
+    path = tmp_path / "routes.yaml"
+    served = RELOAD_YAML.format(upstream=upstream(backend), extra="")
+    path.write_text(served)
+    app = create_app(load_file(path))
+    install_reload(app, path, every=0.02)  # the real watcher, polling fast
+    gateway: GatewayClient = await aiohttp_client(app)
+    status = gateway.app[RELOADER].status
+    path.write_text(served + "    timout: 1s\n")
+    await _until(lambda: status.last_result == "failure")
+    path.write_text(served)  # an operator undoes the edit
+    await _until(lambda: status.last_result == "unchanged")
+    assert status.errors == []
+    assert (await gateway.get("/api/svc/echo/x")).status == 200
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait for ``condition``, at most 5 s (the watcher polls every 20 ms here)."""
+    for _ in range(250):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the watcher did not get there within 5 s")
 
 
 def test_describe_changes_names_services() -> None:
