@@ -273,67 +273,61 @@ async def test_cluster_ready_even_when_startup_outlasts_the_timeout(redis_cluste
     await store.aclose()
 
 
-async def test_takes_of_one_turn_share_one_connection(restartable_redis: RedisServer) -> None:
+@pytest.fixture
+async def own_store(restartable_redis: RedisServer) -> AsyncIterator[Store]:
+    """A store on the test's own Redis (``restartable_redis``), with a timeout no busy machine misses."""
     store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
-    try:
-        await store.ping()
-        quotas = await asyncio.gather(*(store.take(f"k{i}", limit=5, period=60) for i in range(50)))
-        assert all(q.allowed and q.remaining == 4 for q in quotas)
-        with restartable_redis.client() as check:
-            clients = int(check.info("clients")["connected_clients"])
-        assert clients <= 3  # this check's own client, and the store's pool: one pipeline, not 50 connections
-    finally:
-        await store.aclose()
+    yield store
+    await store.aclose()
+
+
+async def test_takes_of_one_turn_share_one_connection(restartable_redis: RedisServer, own_store: Store) -> None:
+    await own_store.ping()
+    quotas = await asyncio.gather(*(own_store.take(f"k{i}", limit=5, period=60) for i in range(50)))
+    assert all(q.allowed and q.remaining == 4 for q in quotas)
+    with restartable_redis.client() as check:
+        clients = int(check.info("clients")["connected_clients"])
+    assert clients <= 3  # this check's own client, and the store's pool: one pipeline, not 50 connections
 
 
 async def test_commands_of_one_turn_share_one_connection_and_keep_their_own_results(
-    restartable_redis: RedisServer,
+    restartable_redis: RedisServer, own_store: Store
 ) -> None:
-    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
-    try:
-        await store.ping()
-        await asyncio.gather(*(store.set(f"k{i}", b"v%d" % i, ttl=60) for i in range(50)))
-        values, many, added, (_, members) = await asyncio.gather(
-            asyncio.gather(*(store.get(f"k{i}") for i in range(50))),
-            store.get_many("k1", "nothing", "k2"),
-            asyncio.gather(store.add("k3", b"x", ttl=60), store.add("fresh", b"x", ttl=60)),
-            asyncio.gather(store.sadd("set", "a", "b", ttl=60), store.smembers("set")),
-        )
-        assert values == [b"v%d" % i for i in range(50)]
-        assert many == [b"v1", None, b"v2"]
-        assert added == [False, True]
-        assert members == {"a", "b"}  # staged after the SADD of the same turn, so it sees it
-        assert await store.delete("k1", "k2", "nothing") == 2
-        with restartable_redis.client() as check:
-            clients = int(check.info("clients")["connected_clients"])
-        assert clients <= 3  # this check's own client, and the store's pool: pipelines, not 50 connections
-    finally:
-        await store.aclose()
+    await own_store.ping()
+    await asyncio.gather(*(own_store.set(f"k{i}", b"v%d" % i, ttl=60) for i in range(50)))
+    values, many, added, (_, members) = await asyncio.gather(
+        asyncio.gather(*(own_store.get(f"k{i}") for i in range(50))),
+        own_store.get_many("k1", "nothing", "k2"),
+        asyncio.gather(own_store.add("k3", b"x", ttl=60), own_store.add("fresh", b"x", ttl=60)),
+        asyncio.gather(own_store.sadd("set", "a", "b", ttl=60), own_store.smembers("set")),
+    )
+    assert values == [b"v%d" % i for i in range(50)]
+    assert many == [b"v1", None, b"v2"]
+    assert added == [False, True]
+    assert members == {"a", "b"}  # staged after the SADD of the same turn, so it sees it
+    assert await own_store.delete("k1", "k2", "nothing") == 2
+    with restartable_redis.client() as check:
+        clients = int(check.info("clients")["connected_clients"])
+    assert clients <= 3  # this check's own client, and the store's pool: pipelines, not 50 connections
 
 
-async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: RedisServer) -> None:
-    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
-    try:
-        await store.ping()
-        await store.sadd("a-set", "m", ttl=60)
-        results = await asyncio.gather(store.get("a-set"), store.set("k", b"v", ttl=60), return_exceptions=True)
-        assert isinstance(results[0], StoreUnavailable)  # GET of a set: WRONGTYPE
-        assert "WRONGTYPE" in str(results[0])
-        assert results[1] is None
-        assert await store.get("k") == b"v"
-    finally:
-        await store.aclose()
+async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: RedisServer, own_store: Store) -> None:
+    await own_store.ping()
+    await own_store.sadd("a-set", "m", ttl=60)
+    results = await asyncio.gather(own_store.get("a-set"), own_store.set("k", b"v", ttl=60), return_exceptions=True)
+    assert isinstance(results[0], StoreUnavailable)  # GET of a set: WRONGTYPE
+    assert "WRONGTYPE" in str(results[0])
+    assert results[1] is None
+    assert await own_store.get("k") == b"v"
 
 
-async def test_a_connection_redis_closed_is_replaced_within_the_same_call(restartable_redis: RedisServer) -> None:
-    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
-    try:
-        await store.set("k", b"v", ttl=60)
-        with restartable_redis.client() as check:
-            assert check.client_kill_filter(_type="normal", skipme=True) >= 1  # the store's pooled connection
-        assert await store.get("k") == b"v"  # no StoreUnavailable: one more try on a fresh connection
-    finally:
-        await store.aclose()
+async def test_a_connection_redis_closed_is_replaced_within_the_same_call(
+    restartable_redis: RedisServer, own_store: Store
+) -> None:
+    await own_store.set("k", b"v", ttl=60)
+    with restartable_redis.client() as check:
+        assert check.client_kill_filter(_type="normal", skipme=True) >= 1  # the store's pooled connection
+    assert await own_store.get("k") == b"v"  # no StoreUnavailable: one more try on a fresh connection
 
 
 async def test_a_call_cut_short_leaves_no_reply_behind_for_the_next_one(restartable_redis: RedisServer) -> None:
