@@ -248,12 +248,14 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def refresh_in_background(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: keep the state gauges current while the app runs."""
+    """cleanup_ctx: keep the state gauges current while the app runs; on the way out, fold the
+    last tally (under ``--workers`` a worker that exits leaves its final counts in the files)."""
     task = asyncio.create_task(app[METRICS].refresher())
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    app[METRICS].fold()
 
 
 def quantile(q: float, buckets: Mapping[float, float]) -> float | None:

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import ROUTES
-from gateway.metrics import METRICS, Metrics, quantile
+from gateway.metrics import METRICS, Metrics, quantile, refresh_in_background
 from middleware.base import Outcome
 from tests.conftest import MakeGateway, upstream
 
@@ -106,6 +106,18 @@ def test_tallied_requests_reach_the_series_at_the_next_refresh_only() -> None:
     assert snapshot.total("gateway_requests_total", service="svc", status="200") == 1
     assert snapshot.by("gateway_cache_total", "result") == {"hit": 1.0}
     assert metrics.snapshot().total("gateway_requests_total") == 1  # folded once, not again
+
+
+async def test_the_last_tally_is_folded_when_the_app_stops() -> None:
+    app = web.Application()
+    metrics = app[METRICS] = Metrics()
+    app.cleanup_ctx.append(refresh_in_background)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await asyncio.sleep(0)  # the refresher's first refresh, then it sleeps for a second
+    metrics.observe(make_mocked_request("GET", "/api/svc/x"), Outcome(service="svc"), 200, 0.01)
+    await runner.cleanup()  # well within the refresher's first second
+    assert metrics.requests.labels("svc", "GET", "200")._value.get() == 1  # in the series, without a refresh
 
 
 @pytest.mark.parametrize(
