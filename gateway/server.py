@@ -29,7 +29,6 @@ import signal
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -42,6 +41,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from middleware.problem import Problem, problem_response
+from middleware.request_id import new_request_id
 
 from . import __version__, reload
 from .access_log import LineBatcher
@@ -285,7 +285,7 @@ class GatewayProtocol(RequestHandler):
         """A problem written straight to the socket: nothing else is writing on this connection."""
         if self.transport is None:
             return
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         title = HTTPStatus(status).phrase
         body = json.dumps(
             {"type": "about:blank", "title": title, "status": status, "detail": detail, "request_id": request_id}
@@ -316,7 +316,7 @@ class GatewayProtocol(RequestHandler):
             logger.debug("client %s sent something that is not HTTP (TLS on a plain port?)", self._peer())
         else:
             logger.warning("refused a malformed request from %s (%d): %s", self._peer(), status, detail)
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         response = problem_response(Problem(status, detail), request_id)
         response.headers["X-Request-ID"] = request_id
         response.force_close()
