@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
@@ -30,7 +29,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from middleware.problem import Problem, problem_response
+from middleware.problem import PROBLEM_JSON, Problem, problem_body, problem_response
 from middleware.request_id import new_request_id
 
 from . import __version__, reload
@@ -286,12 +284,10 @@ class GatewayProtocol(RequestHandler):
         if self.transport is None:
             return
         request_id = new_request_id()
-        title = HTTPStatus(status).phrase
-        body = json.dumps(
-            {"type": "about:blank", "title": title, "status": status, "detail": detail, "request_id": request_id}
-        ).encode()
+        problem = Problem(status, detail)
+        body = problem_body(problem, request_id)
         head = (
-            f"HTTP/1.1 {status} {title}\r\nContent-Type: application/problem+json\r\n"
+            f"HTTP/1.1 {status} {problem.title}\r\nContent-Type: {PROBLEM_JSON}\r\n"
             f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Request-ID: {request_id}\r\n"
             "Connection: close\r\n\r\n"
         )

@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 
 from .base import OUTCOME, REQUEST_ID, Handler
 
-__all__ = ("PROBLEM_JSON", "Problem", "ProblemMiddleware", "problem_response")
+__all__ = ("PROBLEM_JSON", "Problem", "ProblemMiddleware", "problem_body", "problem_response")
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-def problem_response(problem: Problem, request_id: str | None) -> web.Response:
-    """The problem+json response for ``problem``."""
+def problem_body(problem: Problem, request_id: str | None) -> bytes:
+    """The RFC 9457 JSON body for ``problem``."""
     body = {
         "type": problem.type,
         "title": problem.title,
@@ -60,9 +60,14 @@ def problem_response(problem: Problem, request_id: str | None) -> web.Response:
         "detail": problem.detail,
         "request_id": request_id,
     }
+    return json.dumps(body).encode()
+
+
+def problem_response(problem: Problem, request_id: str | None) -> web.Response:
+    """The problem+json response for ``problem``."""
     response = web.Response(
         status=problem.status,
-        body=json.dumps(body).encode(),
+        body=problem_body(problem, request_id),
         content_type=PROBLEM_JSON,
         headers=problem.headers,
     )
