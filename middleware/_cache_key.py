@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from .base import Recent
+
 __all__ = ("Entry", "Keys", "cache_control", "freshness", "tags_of", "vary_of")
 
 MAGIC = b"GWC1"
@@ -173,13 +175,13 @@ class Entry:
 class DecodedEntries:
     """Entries remembered by the stored bytes they were decoded from, so a hit on an entry
     that has not changed does not parse its metadata and copy its body again. Bounded by
-    the total size of the bytes it holds; when full it starts over (stored bytes are
-    immutable, so a remembered entry is never out of date, only evicted)."""
+    the total size of the bytes it holds (a :class:`~middleware.base.Recent` measured in
+    bytes); stored bytes are immutable, so a remembered entry is never out of date."""
 
     def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
-        self._entries: dict[bytes, Entry | None] = {}
-        self._size = 0
-        self._max = max_bytes
+        self._entries: Recent[bytes, Entry | None] = Recent(
+            entries=1 << 16, max_size=max_bytes // 16, max_total=max_bytes
+        )
 
     def decode(self, data: bytes) -> Entry | None:
         try:
@@ -187,10 +189,5 @@ class DecodedEntries:
         except KeyError:
             pass
         entry = Entry.decode(data)
-        if len(data) <= self._max // 16:
-            if self._size + len(data) > self._max:
-                self._entries.clear()
-                self._size = 0
-            self._entries[data] = entry
-            self._size += len(data)
+        self._entries.keep(data, entry, len(data))
         return entry

@@ -170,15 +170,18 @@ V = TypeVar("V")
 
 
 class Recent(Generic[K, V]):
-    """A bounded memory of recent answers of a pure function (route matches, cache keys):
-    when full it forgets everything and starts over, which costs nothing per lookup (unlike
-    an LRU). Answers whose inputs are longer than ``max_size`` (by the caller's measure) are
-    not kept, so no client can make the memory big."""
+    """A bounded memory of recent answers of a pure function (route matches, cache keys,
+    decoded cache entries): when full it forgets everything and starts over, which costs
+    nothing per lookup (unlike an LRU). Answers whose inputs are longer than ``max_size`` (by
+    the caller's measure) are not kept, so no client can make the memory big; ``max_total``,
+    when given, bounds the sum of those sizes too."""
 
-    def __init__(self, *, entries: int = 4096, max_size: int = 2048) -> None:
+    def __init__(self, *, entries: int = 4096, max_size: int = 2048, max_total: int | None = None) -> None:
         self._items: dict[K, V] = {}
         self._entries = entries
         self._max_size = max_size
+        self._max_total = max_total
+        self._total = 0
 
     def get(self, key: K) -> V | None:
         return self._items.get(key)
@@ -190,6 +193,8 @@ class Recent(Generic[K, V]):
         """Remember ``value`` for ``key`` (whose inputs measure ``size``) if it is small enough."""
         if size > self._max_size:
             return
-        if len(self._items) >= self._entries:
+        if len(self._items) >= self._entries or (self._max_total is not None and self._total + size > self._max_total):
             self._items.clear()
+            self._total = 0
         self._items[key] = value
+        self._total += size

@@ -27,3 +27,11 @@ def test_a_full_memory_starts_over() -> None:
         recent.keep(key, key, size=1)
     recent.keep(3, 3, size=1)
     assert [recent.get(key) for key in range(4)] == [None, None, None, 3]
+
+
+def test_a_memory_bounded_in_total_starts_over_when_the_next_answer_would_not_fit() -> None:
+    recent: Recent[str, int] = Recent(max_size=10, max_total=20)
+    recent.keep("a", 1, size=10)
+    recent.keep("b", 2, size=10)
+    recent.keep("c", 3, size=1)
+    assert [recent.get(key) for key in "abc"] == [None, None, 3]
