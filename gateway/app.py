@@ -24,15 +24,27 @@ from middleware.request_id import RequestIdMiddleware
 
 from . import websocket
 from .access_log import LineBatcher
-from .chain import ChainDeps, build_route_handler
+from .chain import ChainDeps, build_route_chain
 from .config import GatewayConfig, Service
+from .hit_lane import HitLane
 from .metrics import METRICS, Metrics, refresh_in_background
 from .proxy import Forwarder
 from .routing import TARGET, RouteTable
 from .stores import MemoryStore, open_store
 from .upstreams import UpstreamPool
 
-__all__ = ("CONFIG", "KEYS", "ROUTES", "SESSION", "STORE", "RouteHolder", "build_routes", "create_app", "dispatch")
+__all__ = (
+    "CONFIG",
+    "HIT_LANE",
+    "KEYS",
+    "ROUTES",
+    "SESSION",
+    "STORE",
+    "RouteHolder",
+    "build_routes",
+    "create_app",
+    "dispatch",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 ROUTES = web.AppKey("routes", RouteHolder)
 KEYS = web.AppKey("keys", KeySource)
 STORE = web.AppKey("store", Store)
+HIT_LANE = web.AppKey("hit_lane", HitLane)
 
 
 def create_app(
@@ -65,18 +78,17 @@ def create_app(
     """The gateway app for ``config``. ``access_log`` takes the JSON access-log lines (the
     server passes a batched stdout writer); without it they go to the ``gateway.access`` logger."""
     metrics = Metrics() if metrics is None else metrics
+    requests = RequestIdMiddleware(
+        trusted_proxies=config.trusted_proxies, observe=metrics.observe, access_sink=access_log
+    )
     app = web.Application(
-        middlewares=[
-            RequestIdMiddleware(
-                trusted_proxies=config.trusted_proxies, observe=metrics.observe, access_sink=access_log
-            ),
-            ProblemMiddleware(),
-        ],
+        middlewares=[requests, ProblemMiddleware()],
         # request line 8190 bytes (414 beyond), header fields 16 KiB (431), idle keep-alive 75 s (nginx's)
         handler_args={"max_line_size": 8190, "max_field_size": 16 * 1024, "keepalive_timeout": 75.0},
     )
     app[CONFIG] = config
     app[ROUTES] = RouteHolder()
+    app[HIT_LANE] = HitLane(app[ROUTES], requests)  # used by the server's connections (GatewayProtocol)
     app[METRICS] = metrics
     metrics.add_source(functools.partial(_state_gauges, app))
     if access_log is not None:
@@ -218,8 +230,8 @@ def build_routes(
         on_error=on_error,
         local_store=MemoryStore(config.store.max_memory) if on_error == "local" else None,
     )
-    handlers = {route.name: build_route_handler(route, deps) for s in config.services.values() for route in s.routes}
-    return RouteTable(config.services, handlers), pools
+    chains = {route.name: build_route_chain(route, deps) for s in config.services.values() for route in s.routes}
+    return RouteTable(config.services, chains), pools
 
 
 def _pool(name: str, service: Service, previous: RouteHolder | None) -> UpstreamPool:

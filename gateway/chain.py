@@ -29,7 +29,7 @@ from .routing import TARGET
 from .upstreams import UpstreamPool
 from .websocket import WebSocketRelay, upgrades_to
 
-__all__ = ("ChainDeps", "build_route_handler", "compose")
+__all__ = ("ChainDeps", "RouteChain", "build_route_chain", "compose")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,17 @@ def compose(middlewares: Sequence[Middleware], endpoint: Handler) -> Handler:
     return handler
 
 
-def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
+@dataclass(frozen=True, slots=True)
+class RouteChain:
+    """A route's built chain, and its cache when that is the whole chain before the proxy on a
+    store read without awaiting: then a fresh hit is the cache's answer alone, and the gateway's
+    hit lane may give it without running the chain (:mod:`gateway.hit_lane`)."""
+
+    handler: Handler
+    lone_cache: CacheMiddleware | None = None
+
+
+def build_route_chain(route: Route, deps: ChainDeps) -> RouteChain:
     """The route's endpoint wrapped in its middlewares, in the fixed order."""
     endpoint: Handler = RouteProxy(deps.forwarder, route, deps.pools[route.service])
     if route.websocket is not None:
@@ -80,9 +90,12 @@ def build_route_handler(route: Route, deps: ChainDeps) -> Handler:
                 route.rate_limit, store=deps.store, scope=route.name, on_error=deps.on_error, fallback=deps.local_store
             )
         )
+    cache = None
     if route.cache is not None:
-        chain.append(CacheMiddleware(route.cache, store=deps.store, scope=route.service, target=_target))
-    return compose(chain, endpoint)
+        cache = CacheMiddleware(route.cache, store=deps.store, scope=route.service, target=_target)
+        chain.append(cache)
+    alone = cache is not None and chain == [cache] and route.websocket is None and cache.answers_now
+    return RouteChain(compose(chain, endpoint), cache if alone else None)
 
 
 def _target(request: web.Request) -> tuple[str, str | None]:

@@ -170,10 +170,10 @@ class Metrics:
         self._sources: list[Callable[[Metrics], None]] = []
         self._health_labels: set[tuple[str, str]] = set()
 
-    def observe(self, request: web.Request, outcome: Outcome, status: int, seconds: float) -> None:
+    def observe(self, method: str, outcome: Outcome, status: int, seconds: float) -> None:
         """Count one finished request (the access-log hook); the series see it at the next refresh."""
         service = outcome.service or NO_SERVICE
-        method = request.method if request.method in _METHODS else "OTHER"
+        method = method if method in _METHODS else "OTHER"
         failed = outcome.service is not None and outcome.error is not None and status in _UPSTREAM_ERRORS
         self._tally.count(service, method, status, seconds, outcome.cache, failed)
 

@@ -14,13 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from middleware.base import Handler, Recent
+from middleware.cache import CacheMiddleware
 from middleware.problem import Problem
 
 from .config import Route, Service
+
+if TYPE_CHECKING:
+    from .chain import RouteChain
 
 __all__ = ("API_PREFIX", "TARGET", "Match", "RouteTable", "Target", "normalise_path")
 
@@ -93,14 +98,15 @@ class Match:
     route: Route
     handler: Handler
     target: Target
+    lone_cache: CacheMiddleware | None = None  # see gateway.chain.RouteChain
 
 
 class RouteTable:
     """The services of one config, each with its routes in match order (first match wins)."""
 
-    def __init__(self, services: Mapping[str, Service], handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, services: Mapping[str, Service], chains: Mapping[str, RouteChain]) -> None:
         self._services = {name: service.routes for name, service in services.items()}
-        self._handlers = handlers  # route name -> built chain
+        self._chains = chains  # route name -> built chain
         self._recent: Recent[tuple[str, str], Match | None] = Recent()  # (method, raw target) -> its match
 
     def match(self, method: str, raw_target: str) -> Match | None:
@@ -138,7 +144,8 @@ class RouteTable:
         target = Target(rest, query if question else None)
         for route in routes:
             if route.matches(rest or "/", method):
-                return Match(route, self._handlers[route.name], target)
+                chain = self._chains[route.name]
+                return Match(route, chain.handler, target, chain.lone_cache)
         return None  # unreachable: the service's catch-all matches everything
 
 

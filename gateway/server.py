@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -44,8 +45,9 @@ from middleware.request_id import new_request_id
 from . import __version__, reload
 from .access_log import LineBatcher
 from .admin import AdminState, create_admin_app
-from .app import CONFIG, ROUTES, create_app
+from .app import CONFIG, HIT_LANE, ROUTES, create_app
 from .config import GatewayConfig, Limits
+from .hit_lane import HitLane
 from .metrics import Metrics, enable_multiprocess, forget_process
 
 __all__ = ("GatewayProtocol", "GatewayRunner", "configure_logging", "serve")
@@ -128,15 +130,21 @@ class GatewayProtocol(RequestHandler):
         "_deadline",
         "_head_bytes",
         "_header_timeout",
+        "_lane",
         "_limits",
         "_phase",
+        "_scheme",
         "_timer",
         "_timer_at",
     )  # fmt: skip
 
-    def __init__(self, manager: web.Server, *, limits: Callable[[], Limits], **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, limits: Callable[[], Limits], lane: HitLane | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
+        self._lane = lane
+        self._scheme = "http"
         self._header_timeout = self._body_timeout = 0.0  # set per connection, in connection_made
         self._phase = _IDLE
         self._deadline = 0.0  # when the current phase times out
@@ -150,6 +158,7 @@ class GatewayProtocol(RequestHandler):
         limits = self._limits()  # read per connection: a reload applies to new connections
         self._header_timeout, self._body_timeout = limits.header_timeout, limits.body_timeout
         super().connection_made(transport)
+        self._scheme = "https" if transport.get_extra_info("sslcontext") else "http"  # as aiohttp's request.scheme
         self._head_bytes = False
         self._expect(_HEAD, self._header_timeout)
 
@@ -179,7 +188,11 @@ class GatewayProtocol(RequestHandler):
             self._credit += len(data) / BODY_MIN_RATE
             self._deadline = min(now + self._body_timeout, self._credit)
         count = self._request_count
-        super().data_received(data)
+        waiter = self._waiter
+        if self._lane is not None and waiter is not None and not waiter.done() and not self._messages:
+            self._offer_to_lane(data, waiter)
+        else:
+            super().data_received(data)
         if self._request_count != count:  # a head is complete: now its body, if any is still to come
             body = self._messages[-1][1] if self._messages else None
             if isinstance(body, StreamReader) and not body.is_eof():
@@ -192,6 +205,45 @@ class GatewayProtocol(RequestHandler):
             self._idle()
         elif self._phase == _HEAD and self.transport is not None:
             self._arm(self._deadline)
+
+    def _offer_to_lane(self, data: bytes, waiter: asyncio.Future[None]) -> None:
+        """aiohttp's data_received, with a request that completes in ``data`` offered to the hit
+        lane (:mod:`gateway.hit_lane`) before aiohttp's connection loop, parked on ``waiter``
+        with nothing to do, is woken for it. The lane answers it or leaves it all to aiohttp."""
+        self._waiter = None  # what aiohttp sets to wake its loop: held back while the lane looks
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        messages = self._messages
+        if not messages:
+            return
+        if len(messages) == 1 and self._answered_by_lane(*messages[0]):
+            messages.popleft()
+            return
+        waiter.set_result(None)
+
+    def _answered_by_lane(self, message: object, payload: object) -> bool:
+        transport, lane, manager = self.transport, self._lane, self._manager
+        if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage) or self._upgraded:
+            return False
+        if transport is None or lane is None or manager is None or transport.get_write_buffer_size():
+            return False  # a client that is not reading its answers gets them through aiohttp's flow control
+        peer = self.peername
+        response = lane.answer(message, str(peer[0]) if isinstance(peer, tuple) else peer, self._scheme)
+        if response is None:
+            return False
+        transport.write(response)
+        # what aiohttp's connection loop does after a response: a parser slot freed, the request
+        # counted, and the keep-alive timer (re)started
+        if self._parser is not None:
+            self._parser.message_consumed()
+        manager.requests_count += 1
+        self._keepalive = True
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if self._keepalive_handle is None:
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+        return True
 
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -332,7 +384,7 @@ class GatewayProtocol(RequestHandler):
 class _GatewayServer(web.Server):
     """aiohttp's connection factory, making :class:`GatewayProtocol` connections."""
 
-    def __init__(self, base: web.Server, limits: Callable[[], Limits]) -> None:
+    def __init__(self, base: web.Server, limits: Callable[[], Limits], lane: HitLane | None) -> None:
         super().__init__(
             base.request_handler,
             request_factory=base.request_factory,
@@ -341,9 +393,10 @@ class _GatewayServer(web.Server):
             **base._kwargs,
         )
         self._limits = limits
+        self._lane = lane
 
     def __call__(self) -> GatewayProtocol:
-        return GatewayProtocol(self, loop=self._loop, limits=self._limits, **self._kwargs)
+        return GatewayProtocol(self, loop=self._loop, limits=self._limits, lane=self._lane, **self._kwargs)
 
 
 class GatewayRunner(web.AppRunner):
@@ -351,7 +404,8 @@ class GatewayRunner(web.AppRunner):
     the gateway app it runs (after a reload, new connections get the new timeouts)."""
 
     async def _make_server(self) -> web.Server:
-        return _GatewayServer(await super()._make_server(), functools.partial(current_limits, self.app))
+        app = self.app
+        return _GatewayServer(await super()._make_server(), functools.partial(current_limits, app), app.get(HIT_LANE))
 
 
 def current_limits(app: web.Application) -> Limits:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
 
@@ -27,6 +27,7 @@ __all__ = (
     "Middleware",
     "Outcome",
     "Quota",
+    "ReadsNow",
     "Store",
     "StoreUnavailable",
     "add_response_headers",
@@ -109,6 +110,14 @@ class Store(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ReadsNow(Protocol):
+    """A store that can also answer reads without awaiting (the memory store): the cache then
+    serves fresh hits on the connection's own turn (``gateway.hit_lane``). A network store cannot."""
+
+    def get_many_now(self, *keys: str) -> list[bytes | None]: ...
 
 
 class BodyTap(Protocol):

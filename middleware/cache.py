@@ -48,10 +48,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._cache_key import DecodedEntries, Entry, Keys, cache_control, freshness, tags_of, vary_of
-from .base import BODY_TAP, CLAIMS, OUTCOME, Handler, Outcome, Recent, Store, StoreUnavailable, add_response_headers
+from .base import (
+    BODY_TAP,
+    CLAIMS,
+    OUTCOME,
+    Handler,
+    Outcome,
+    ReadsNow,
+    Recent,
+    Store,
+    StoreUnavailable,
+    add_response_headers,
+)
 from .problem import Problem
 from .schema import Section
 
@@ -76,6 +87,7 @@ _POLL = 0.05  # seconds between two looks for the entry another instance is fill
 
 _Filled = tuple[Entry, str]  # an entry and its digest, for the misses that waited for it
 Target = Callable[[web.Request], tuple[str, str | None]]
+RequestHeaders = CIMultiDictProxy[str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,6 +229,7 @@ class CacheMiddleware:
         self._lock_wait = lock_wait
         self._stale = max(config.stale_while_revalidate, config.stale_if_error)
         self._entries = DecodedEntries()
+        self._reads_now = store if isinstance(store, ReadsNow) else None  # the memory store: fresh_hit
         self._lookup_keys: Recent[str, tuple[str, str, str]] = Recent()  # URL -> the keys its lookup reads
         self._digests: Recent[tuple[object, ...], str] = Recent()  # a lookup's inputs -> its entry digest
         self._inflight: dict[str, asyncio.Future[_Filled | None]] = {}
@@ -262,22 +275,28 @@ class CacheMiddleware:
     async def _lookup(self, request: web.Request, subject: str | None) -> _Lookup:
         path, query = self._target(request)
         url = path if query is None else f"{path}?{query}"
-        keys = self._keys
-        lookup_keys = self._lookup_keys.get(url)
-        if lookup_keys is None:  # two digests per URL, remembered for recent (short) URLs
-            lookup_keys = (keys.generation, keys.path_generation(path), keys.vary(url))
-            self._lookup_keys.keep(url, lookup_keys, len(url))
-        service_gen, path_gen, vary = await self._store.get_many(*lookup_keys)
+        service_gen, path_gen, vary = await self._store.get_many(*self._lookup_keys_of(path, url))
         varying = vary.decode().split(",") if vary else []
         lookup = _Lookup(path, url, subject, [service_gen, path_gen], varying, "", None)
         lookup.digest = self._digest(request, lookup, varying)
-        data = await self._store.get(keys.entry(lookup.digest))
+        data = await self._store.get(self._keys.entry(lookup.digest))
         lookup.entry = self._entries.decode(data) if data is not None else None
         return lookup
 
+    def _lookup_keys_of(self, path: str, url: str) -> tuple[str, str, str]:
+        """The keys a lookup of ``url`` reads first: both generations and the URL's Vary names."""
+        lookup_keys = self._lookup_keys.get(url)
+        if lookup_keys is None:  # two digests per URL, remembered for recent (short) URLs
+            keys = self._keys
+            lookup_keys = (keys.generation, keys.path_generation(path), keys.vary(url))
+            self._lookup_keys.keep(url, lookup_keys, len(url))
+        return lookup_keys
+
     def _digest(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
-        headers = request.headers
-        values = [request.scheme] + [f"{name}:{', '.join(headers.getall(name, ()))}" for name in _KEYED]
+        return self._digest_of(request.scheme, request.headers, lookup, varying)
+
+    def _digest_of(self, scheme: str, headers: RequestHeaders, lookup: _Lookup, varying: list[str]) -> str:
+        values = [scheme] + [f"{name}:{', '.join(headers.getall(name, ()))}" for name in _KEYED]
         values += [f"{name}:{', '.join(headers.getall(name, ()))}" for name in varying]
         # the same inputs give the same digest: remembered for recent ones (a hash of the inputs
         # instead of a SHA-256 of them, on every hit)
@@ -290,6 +309,41 @@ class CacheMiddleware:
 
     # -- answers -------------------------------------------------------------------------
 
+    @property
+    def answers_now(self) -> bool:
+        """True when :meth:`fresh_hit` can answer (the store is read without awaiting)."""
+        return self._reads_now is not None
+
+    def fresh_hit(
+        self, scheme: str, headers: RequestHeaders, path: str, query: str | None
+    ) -> tuple[Entry, dict[str, str]] | None:
+        """The fresh entry :meth:`__call__` would answer an anonymous GET with, and the headers it
+        would add (X-Cache, Cache-Status, Age), read without awaiting: for the gateway's hit lane
+        (:mod:`gateway.hit_lane`), on a route whose chain before the cache is empty.
+
+        None whenever the full chain could do anything else, and the lane then passes the request
+        on to it: the store cannot be read without awaiting (Redis), the request carries a header
+        the cache acts on (``Authorization``, ``Cache-Control``, ``Upgrade``), the URL's responses
+        vary on request headers, or there is no fresh entry (a miss, or a stale one to revalidate).
+        """
+        reads = self._reads_now
+        if reads is None or hdrs.AUTHORIZATION in headers or hdrs.CACHE_CONTROL in headers or hdrs.UPGRADE in headers:
+            return None
+        url = path if query is None else f"{path}?{query}"
+        service_gen, path_gen, vary = reads.get_many_now(*self._lookup_keys_of(path, url))
+        if vary:
+            return None
+        lookup = _Lookup(path, url, None, [service_gen, path_gen], [], "", None)
+        (data,) = reads.get_many_now(self._keys.entry(self._digest_of(scheme, headers, lookup, [])))
+        entry = self._entries.decode(data) if data is not None else None
+        if entry is None:
+            return None
+        age = entry.age_at(self._clock())
+        if age >= entry.fresh:
+            return None
+        ttl, seconds = math.floor(entry.fresh - age), math.floor(age)
+        return entry, self._headers("HIT", f"hit; ttl={ttl}", {hdrs.AGE: str(seconds)})
+
     def _replay(self, request: web.Request, entry: Entry, result: str, status: str) -> web.Response:
         age = math.floor(entry.age_at(self._clock()))
         self._tell(request, result, status, {hdrs.AGE: str(age)})
@@ -298,8 +352,12 @@ class CacheMiddleware:
         )
 
     def _tell(self, request: web.Request, result: str, status: str, extra: dict[str, str] | None = None) -> None:
-        add_response_headers(request, {X_CACHE: result, CACHE_STATUS: f"{_NAME}; {status}", **(extra or {})})
+        add_response_headers(request, self._headers(result, status, extra))
         request[OUTCOME].cache = result
+
+    @staticmethod
+    def _headers(result: str, status: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {X_CACHE: result, CACHE_STATUS: f"{_NAME}; {status}", **(extra or {})}
 
     async def _bypass(self, request: web.Request, handler: Handler, why: str) -> web.StreamResponse:
         self._tell(request, "BYPASS", f"fwd=bypass; detail={why}")

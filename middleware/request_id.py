@@ -19,15 +19,24 @@ from aiohttp import web
 
 from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
 
-__all__ = ("REQUEST_ID_HEADER", "AccessSink", "Observer", "RequestIdMiddleware", "client_address", "is_trusted")
+__all__ = (
+    "FORWARDED_FOR",
+    "REQUEST_ID_HEADER",
+    "AccessSink",
+    "Observer",
+    "RequestIdMiddleware",
+    "client_address",
+    "is_trusted",
+)
 
 access_log = logging.getLogger("gateway.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+FORWARDED_FOR = "X-Forwarded-For"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
-Observer = Callable[[web.Request, Outcome, int, float], None]
-"""Called once per finished request with its Outcome, status and duration in seconds (metrics)."""
+Observer = Callable[[str, Outcome, int, float], None]
+"""Called once per finished request with its method, Outcome, status and duration in seconds (metrics)."""
 
 AccessSink = Callable[[bytes], None]
 """Takes one access-log line (JSON, no newline). Without one, lines go to the ``gateway.access`` logger."""
@@ -111,10 +120,10 @@ class RequestIdMiddleware:
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = self._clock()
-        sent = request.headers.get(REQUEST_ID_HEADER)
-        request_id = sent if sent is not None and _SANE_ID.match(sent) else self._ids()
+        headers = request.headers
+        request_id, client = self.identify(headers.get(REQUEST_ID_HEADER), request.remote, headers.get(FORWARDED_FOR))
         request[REQUEST_ID] = request_id
-        request[CLIENT_IP] = client_address(request.remote, request.headers.get("X-Forwarded-For"), self._trusted)
+        request[CLIENT_IP] = client
         outcome = request[OUTCOME] = Outcome()
         add_response_headers(request, {REQUEST_ID_HEADER: request_id})
         status = 500
@@ -129,17 +138,23 @@ class RequestIdMiddleware:
             raise
         finally:
             elapsed = self._clock() - started
-            self._log(request, outcome, status, elapsed)
-            if self._observe is not None:
-                self._observe(request, outcome, status, elapsed)
+            self.record(request_id, client, request.method, request.raw_path, outcome, status, elapsed)
 
-    def _log(self, request: web.Request, outcome: Outcome, status: int, elapsed: float) -> None:
+    def identify(self, sent_id: str | None, peer: str | None, forwarded_for: str | None) -> tuple[str, str]:
+        """A request's id (the one the client sent, when it is sane) and the client's address."""
+        request_id = sent_id if sent_id is not None and _SANE_ID.match(sent_id) else self._ids()
+        return request_id, client_address(peer, forwarded_for, self._trusted)
+
+    def record(
+        self, request_id: str, client: str, method: str, target: str, outcome: Outcome, status: int, elapsed: float
+    ) -> None:
+        """The end of a request: its access-log line, and the observer told."""
         line = {
             "time": self._timestamp(),
-            "request_id": request[REQUEST_ID],
-            "client": request[CLIENT_IP],
-            "method": request.method,
-            "path": request.raw_path.partition("?")[0],
+            "request_id": request_id,
+            "client": client,
+            "method": method,
+            "path": target.partition("?")[0],
             "service": outcome.service,
             "route": outcome.route,
             "upstream": outcome.upstream,
@@ -152,6 +167,8 @@ class RequestIdMiddleware:
         if outcome.error:
             line["error"] = outcome.error
         self._sink(orjson.dumps(line))
+        if self._observe is not None:
+            self._observe(method, outcome, status, elapsed)
 
 
 def _to_logger(line: bytes) -> None:

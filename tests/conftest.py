@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
 from gateway.config import load_text
+from gateway.server import GatewayRunner
 from tests.backends import echo_app
 
 pytest_plugins = ["tests.redis_servers"]  # redis_server, restartable_redis, redis_cluster
@@ -59,7 +61,8 @@ async def backend(aiohttp_server) -> TestServer:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def make_gateway(aiohttp_client) -> MakeGateway:  # type: ignore[no-untyped-def]
-    """``await make_gateway(yaml_text, **format_args)``: a real gateway app from routes.yaml text.
+    """``await make_gateway(yaml_text, **format_args)``: a real gateway app from routes.yaml text,
+    served by the production runner (its connection handling, and the hit lane).
 
     ``{backend}`` style placeholders in the text are filled from ``format_args`` (use
     ``{{``/``}}`` for literal braces in flow mappings, or pass plain text without args).
@@ -69,10 +72,17 @@ def make_gateway(aiohttp_client) -> MakeGateway:  # type: ignore[no-untyped-def]
         if format_args:
             text = text.format(**format_args)
         config = load_text(text, env={"JWT_SECRET": JWT_TEST_SECRET})
-        client: GatewayClient = await aiohttp_client(create_app(config))
+        client: GatewayClient = await aiohttp_client(GatewayTestServer(create_app(config)))
         return client
 
     return make
+
+
+class GatewayTestServer(TestServer):
+    """A test server on the production runner (``GatewayRunner``: its protocol, its limits, the hit lane)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 def upstream(server: TestServer) -> str:

@@ -92,6 +92,10 @@ class MemoryStore:
         return key in self._entries
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
+        return self.get_many_now(*keys)
+
+    def get_many_now(self, *keys: str) -> list[bytes | None]:
+        """``get_many`` without a coroutine (:class:`~middleware.base.ReadsNow`): the cache's hit lane."""
         now = self._clock()
         return [None if (entry := self._lookup(key, now)) is None else entry.value for key in keys]
 

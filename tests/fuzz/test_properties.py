@@ -10,6 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.chain import RouteChain
 from gateway.config import ConfigInvalid, load_text
 from gateway.routing import PathRejected, RouteTable, normalise_path
 from middleware.problem import Problem
@@ -84,7 +85,7 @@ SEGMENTS = st.sampled_from(
 paths = st.lists(SEGMENTS, max_size=8).map(lambda parts: "/" + "/".join(parts))
 
 TABLE = RouteTable(load_text("defaults: {auth: none}\nservices: {svc: {upstreams: ['http://h:1']}}").services,
-                   {"svc": lambda request: None})  # type: ignore[dict-item, arg-type, return-value]  # fmt: skip
+                   {"svc": RouteChain(lambda request: None)})  # type: ignore[arg-type, return-value]  # fmt: skip
 
 
 @FUZZ

@@ -8,8 +8,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import load_text
-from tests.conftest import upstream
-from tests.gateway.test_protocol_abuse import GatewayTestServer
+from tests.conftest import GatewayTestServer, upstream
 
 
 async def test_a_finished_exchange_leaves_its_request_state_and_response_headers_behind(  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -20,9 +19,9 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import load_text
-from gateway.server import BODY_MIN_RATE, GatewayRunner, OneLineParseErrors
+from gateway.server import BODY_MIN_RATE, OneLineParseErrors
 from tests.backends import BACKEND_STATE
-from tests.conftest import GatewayClient, upstream
+from tests.conftest import GatewayClient, GatewayTestServer, upstream
 from tests.rawhttp import parse_response, read_response, read_until_closed
 
 HEADER_TIMEOUT = 1.0  # short, so a trickling client is cut quickly; every wait below is far longer
@@ -38,13 +37,6 @@ BODY_TIMED_OUT = (
     f"the request body stalled or came too slowly (more than {BODY_TIMEOUT:g}s without data, "
     f"or under {BODY_MIN_RATE} bytes/s)"
 )
-
-
-class GatewayTestServer(TestServer):
-    """A test server on the production runner (``GatewayRunner``: its protocol, its limits)."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return GatewayRunner(self.app, **kwargs)
 
 
 @pytest.fixture

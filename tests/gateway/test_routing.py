@@ -8,6 +8,7 @@ import logging
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.chain import RouteChain
 from gateway.config import load_text
 from gateway.routing import PathRejected, RouteTable, normalise_path
 from middleware.problem import Problem
@@ -69,8 +70,8 @@ services:
 
 def _table() -> RouteTable:
     config = load_text(TABLE_YAML)
-    names = {route.name: route.name for route in config.services["users"].routes}
-    return RouteTable(config.services, names)  # type: ignore[arg-type]
+    chains = {route.name: RouteChain(route.name) for route in config.services["users"].routes}  # type: ignore[arg-type]
+    return RouteTable(config.services, chains)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,174 @@
+"""The hit lane: a fresh cache hit answered from the parsed request head (issue 5, bench/README.md).
+
+Through the full chain a cache hit costs an aiohttp ``Request``, a task, the middleware calls,
+a ``web.Response`` and its header preparation around a few dictionary reads: about 330k
+instructions per request, measured. :class:`GatewayProtocol <gateway.server.GatewayProtocol>`
+offers each request head aiohttp's parser has just read to :meth:`HitLane.answer` first; the lane
+writes the cached response straight to the socket when, and only when, the full chain's
+answer would be exactly that hit. Everything else is handed on untouched, and the full chain
+decides. The lane answers only when all of this holds:
+
+- the connection: nothing queued or in progress on it, nothing unsent in its write buffer
+  (the protocol checks that);
+- the request: ``GET``, HTTP/1.1 kept alive, no body, and only the header fields of
+  :data:`ALLOWED_HEADERS` (a field the chain might act on sends the request the full way);
+- the route: one whose chain before the proxy is the cache alone, on the memory store
+  (``auth: none``, no rate limit, no WebSocket: :attr:`gateway.chain.RouteChain.lone_cache`);
+- the cache: :meth:`CacheMiddleware.fresh_hit <middleware.cache.CacheMiddleware.fresh_hit>`
+  finds a fresh entry (not stale, no ``Vary``);
+- the entry: one whose head the lane writes exactly as aiohttp would (:func:`render_head`).
+
+The client gets the full chain's response byte for byte (only the request id, ``Age`` and the
+``ttl`` differ, as they do between any two hits), the access log the same line, and the
+metrics the same counts: ``tests/gateway/test_hit_lane.py`` compares both ways side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+
+from middleware.base import Outcome, Recent
+from middleware.problem import Problem
+from middleware.request_id import FORWARDED_FOR, REQUEST_ID_HEADER, RequestIdMiddleware
+
+if TYPE_CHECKING:
+    from middleware._cache_key import Entry
+
+    from .app import RouteHolder
+
+__all__ = ("ALLOWED_HEADERS", "HitLane", "render_head")
+
+ALLOWED_HEADERS = frozenset(
+    {
+        "host",  # keyed by the cache, as on the full path
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "referer",
+        "cookie",
+        "connection",  # only "keep-alive" (see _plain)
+        "x-request-id",  # kept when sane, as the request-id middleware does
+        "x-forwarded-for",  # the client address, as the request-id middleware works it out
+    }
+)
+"""Request header fields (lower-cased) that leave a fresh hit the chain's answer. Any other field
+(``Authorization``, ``Cache-Control``, ``Upgrade``, ``Expect``, conditionals, framing, anything
+unknown) sends the request through the full chain, which knows what to do with it."""
+
+# Fields the full chain sets on a hit itself: an entry holding one of them is replayed the full way
+# (aiohttp's header update would replace it in place, which the lane does not copy).
+_SET_ON_HIT = frozenset({"x-request-id", "x-cache", "cache-status", "age", "connection", "transfer-encoding"})
+# Statuses whose response has no body, where aiohttp drops framing fields: left to aiohttp.
+_BODYLESS = frozenset({204, 304})
+
+
+class HitLane:
+    """Answers fresh cache hits for the routes of the live route table (see the module docstring).
+
+    ``requests`` is the app's request-id middleware: the lane takes request ids and client
+    addresses from it and writes its access-log line and metrics through it. ``answered``
+    counts the requests the lane answered (tests and the bench read it).
+    """
+
+    def __init__(
+        self, routes: RouteHolder, requests: RequestIdMiddleware, *, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self._routes = routes
+        self._requests = requests
+        self._clock = clock
+        self._heads: Recent[int, tuple[Entry, bytes | None]] = Recent()  # id(entry) -> its rendered head
+        self.answered = 0
+
+    def answer(self, message: RawRequestMessage, peer: str | None, scheme: str) -> bytes | None:
+        """The whole response to ``message`` when it is a fresh hit the lane may give; else None
+        (nothing was done, and the request goes the full way)."""
+        started = self._clock()
+        if not _plain(message):
+            return None
+        table = self._routes.table
+        if table is None:
+            return None
+        try:
+            match = table.match(message.method, message.path)
+        except Problem:  # an unsafe path: the full chain answers it with its 400
+            return None
+        if match is None or match.lone_cache is None:
+            return None
+        target = match.target
+        found = match.lone_cache.fresh_hit(scheme, message.headers, target.rest or "/", target.query)
+        if found is None:
+            return None
+        entry, hit_headers = found
+        head = self._head(entry)
+        if head is None:
+            return None
+        headers = message.headers
+        request_id, client = self._requests.identify(headers.get(REQUEST_ID_HEADER), peer, headers.get(FORWARDED_FOR))
+        tail = [f"{REQUEST_ID_HEADER}: {request_id}"]
+        tail += [f"{name}: {value}" for name, value in hit_headers.items()]
+        response = b"".join((head, "\r\n".join(tail).encode(), b"\r\n\r\n", entry.body))
+        route = match.route
+        outcome = Outcome(service=route.service, route=route.name, cache="HIT")
+        self.answered += 1
+        self._requests.record(
+            request_id, client, message.method, message.path, outcome, entry.status, self._clock() - started
+        )
+        return response
+
+    def _head(self, entry: Entry) -> bytes | None:
+        known = self._heads.get(id(entry))
+        if known is not None and known[0] is entry:
+            return known[1]
+        head = render_head(entry)
+        self._heads.keep(id(entry), (entry, head), 0)  # the entry is held by the cache's own memory too
+        return head
+
+
+def _plain(message: RawRequestMessage) -> bool:
+    """A kept-alive HTTP/1.1 GET without a body whose header fields are all allowed."""
+    if message.method != hdrs.METH_GET or message.version != HttpVersion11 or message.should_close:
+        return False
+    if message.upgrade or message.chunked or not message.path.startswith("/api/"):
+        return False
+    for name, value in message.headers.items():
+        lowered = name.lower()
+        if lowered not in ALLOWED_HEADERS or (lowered == "connection" and value.lower() != "keep-alive"):
+            return False
+    return True
+
+
+def render_head(entry: Entry) -> bytes | None:
+    """The status line and header fields aiohttp writes for the full chain's ``web.Response`` of
+    ``entry`` on a kept-alive HTTP/1.1 GET, up to the fields set per hit; None for an entry whose
+    head depends on more than that (it is then replayed the full way).
+
+    aiohttp keeps the stored fields in order, adds ``Content-Length`` when the entry has none,
+    ``Content-Type: application/octet-stream`` when there is a body without a type, and its
+    ``Server`` when the upstream sent none (``web_response.py``, ``_start`` and ``_prepare_headers``).
+    """
+    if entry.status in _BODYLESS or entry.status < 200 or not entry.reason:
+        return None
+    names = [name.lower() for name, _ in entry.headers]
+    if _SET_ON_HIT.intersection(names) or "date" not in names:
+        return None  # without a Date aiohttp adds the current one: left to it
+    lines = [f"HTTP/1.1 {entry.status} {entry.reason}"]
+    lines += [f"{name}: {value}" for name, value in entry.headers]
+    lengths = [value for name, value in entry.headers if name.lower() == "content-length"]
+    if not lengths:
+        lines.append(f"Content-Length: {len(entry.body)}")
+    elif lengths != [str(len(entry.body))]:
+        return None
+    if "content-type" not in names and entry.body:
+        lines.append("Content-Type: application/octet-stream")
+    if "server" not in names:
+        lines.append(f"Server: {SERVER_SOFTWARE}")
+    text = "\r\n".join(lines) + "\r\n"
+    if not text.isascii() or text.count("\r") != len(lines) or text.count("\n") != len(lines):
+        return None  # a field aiohttp would refuse or encode its own way (a stray CR or LF, non-ASCII)
+    return text.encode("ascii")
