@@ -38,23 +38,18 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
-@dataclass(frozen=True, slots=True)
 class Keys:
-    """The store keys of one service's cache."""
+    """The store keys of one service's cache (the fixed ones made once: a hit reads several)."""
 
-    service: str
+    __slots__ = ("_entry", "_lock", "generation", "index", "prefix", "service")
 
-    @property
-    def prefix(self) -> str:
-        return f"c:{{{self.service}}}:"
-
-    @property
-    def generation(self) -> str:
-        return self.prefix + "g"
-
-    @property
-    def index(self) -> str:
-        return self.prefix + "i"
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.prefix = prefix = f"c:{{{service}}}:"
+        self.generation = prefix + "g"
+        self.index = prefix + "i"
+        self._entry = prefix + "e:"
+        self._lock = prefix + "l:"
 
     def path_generation(self, path: str) -> str:
         return self.prefix + "p:" + _digest(path)
@@ -63,10 +58,10 @@ class Keys:
         return self.prefix + "v:" + _digest(url)
 
     def entry(self, digest: str) -> str:
-        return self.prefix + "e:" + digest
+        return self._entry + digest
 
     def lock(self, digest: str) -> str:
-        return self.prefix + "l:" + digest
+        return self._lock + digest
 
     def tag(self, tag: str) -> str:
         return self.prefix + "t:" + _digest(tag)

@@ -293,18 +293,29 @@ class CacheMiddleware:
         return lookup_keys
 
     def _digest(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
-        return self._digest_of(request.scheme, request.headers, lookup, varying)
+        return self._digest_of(request.scheme, request.headers, lookup.generations, lookup.url, lookup.subject, varying)
 
-    def _digest_of(self, scheme: str, headers: RequestHeaders, lookup: _Lookup, varying: list[str]) -> str:
-        values = [scheme] + [f"{name}:{', '.join(headers.getall(name, ()))}" for name in _KEYED]
-        values += [f"{name}:{', '.join(headers.getall(name, ()))}" for name in varying]
+    def _digest_of(
+        self,
+        scheme: str,
+        headers: RequestHeaders,
+        generations: list[bytes | None],
+        url: str,
+        subject: str | None,
+        varying: list[str],
+    ) -> str:
+        values = [scheme]
+        for names in (_KEYED, varying):
+            for name in names:
+                found = headers.getall(name, None)
+                values.append(f"{name}:" if found is None else f"{name}:{', '.join(found)}")
         # the same inputs give the same digest: remembered for recent ones (a hash of the inputs
         # instead of a SHA-256 of them, on every hit)
-        inputs = (*lookup.generations, lookup.url, lookup.subject, *values)
+        inputs = (*generations, url, subject, *values)
         digest = self._digests.get(inputs)
         if digest is None:
-            digest = Keys.digest(lookup.generations, lookup.url, lookup.subject, values)
-            self._digests.keep(inputs, digest, len(lookup.url) + sum(map(len, values)))
+            digest = Keys.digest(generations, url, subject, values)
+            self._digests.keep(inputs, digest, len(url) + sum(map(len, values)))
         return digest
 
     # -- answers -------------------------------------------------------------------------
@@ -333,16 +344,16 @@ class CacheMiddleware:
         service_gen, path_gen, vary = reads.get_many_now(*self._lookup_keys_of(path, url))
         if vary:
             return None
-        lookup = _Lookup(path, url, None, [service_gen, path_gen], [], "", None)
-        (data,) = reads.get_many_now(self._keys.entry(self._digest_of(scheme, headers, lookup, [])))
+        digest = self._digest_of(scheme, headers, [service_gen, path_gen], url, None, [])
+        (data,) = reads.get_many_now(self._keys.entry(digest))
         entry = self._entries.decode(data) if data is not None else None
         if entry is None:
             return None
         age = entry.age_at(self._clock())
         if age >= entry.fresh:
             return None
-        ttl, seconds = math.floor(entry.fresh - age), math.floor(age)
-        return entry, self._headers("HIT", f"hit; ttl={ttl}", {hdrs.AGE: str(seconds)})
+        return entry, {X_CACHE: "HIT", CACHE_STATUS: f"{_NAME}; hit; ttl={math.floor(entry.fresh - age)}",
+                       hdrs.AGE: str(math.floor(age))}  # fmt: skip  # what _replay adds (via _tell)
 
     def _replay(self, request: web.Request, entry: Entry, result: str, status: str) -> web.Response:
         age = math.floor(entry.age_at(self._clock()))

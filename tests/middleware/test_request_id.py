@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -12,7 +14,7 @@ from aiohttp import web
 
 from middleware.base import CLIENT_IP
 from middleware.problem import Problem
-from middleware.request_id import RequestIdMiddleware, UtcMillis, client_address
+from middleware.request_id import RequestIdMiddleware, UtcMillis, client_address, new_request_id
 
 from .conftest import MakeClient
 
@@ -118,11 +120,29 @@ def test_log_time_is_utc_iso_8601_with_milliseconds(now: float) -> None:
     assert UtcMillis(lambda: now)() == expected
 
 
-def test_log_time_follows_the_clock_across_seconds() -> None:
-    times = iter([10.5, 10.7, 11.2])
+def test_log_time_follows_the_clock_across_milliseconds_and_seconds() -> None:
+    times = iter([10.5, 10.5004, 10.5011, 10.7, 11.2])
     stamp = UtcMillis(lambda: next(times))
-    assert [stamp(), stamp(), stamp()] == [
+    assert [stamp(), stamp(), stamp(), stamp(), stamp()] == [
         "1970-01-01T00:00:10.500Z",
+        "1970-01-01T00:00:10.500Z",
+        "1970-01-01T00:00:10.501Z",
         "1970-01-01T00:00:10.700Z",
         "1970-01-01T00:00:11.200Z",
     ]
+
+
+def test_a_forked_worker_makes_request_ids_of_its_own() -> None:
+    new_request_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: its first id, to the parent
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    parent = new_request_id()  # the id the worker would have made too, had it kept the parent's random state
+    assert re.fullmatch("[0-9a-f]{32}", child) and re.fullmatch("[0-9a-f]{32}", parent)
+    assert child != parent
