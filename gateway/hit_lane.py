@@ -64,6 +64,7 @@ unknown) sends the request through the full chain, which knows what to do with i
 # Fields the full chain sets on a hit itself: an entry holding one of them is replayed the full way
 # (aiohttp's header update would replace it in place, which the lane does not copy).
 _SET_ON_HIT = frozenset({"x-request-id", "x-cache", "cache-status", "age", "connection", "transfer-encoding"})
+_HEADS_BYTES = 8 * 1024 * 1024  # what the remembered heads may hold, their entries' bodies counted
 # Statuses whose response has no body, where aiohttp drops framing fields: left to aiohttp.
 _BODYLESS = frozenset({204, 304})
 
@@ -82,7 +83,10 @@ class HitLane:
         self._routes = routes
         self._requests = requests
         self._clock = clock
-        self._heads: Recent[int, tuple[Entry, bytes | None]] = Recent()  # id(entry) -> its rendered head
+        # id(entry) -> the entry and its rendered head, bounded in bytes like the cache's decoded entries
+        self._heads: Recent[int, tuple[Entry, bytes | None]] = Recent(
+            entries=1 << 16, max_size=_HEADS_BYTES // 16, max_total=_HEADS_BYTES
+        )
         self.answered = 0
 
     def answer(self, message: RawRequestMessage, peer: str | None, scheme: str) -> bytes | None:
@@ -126,7 +130,7 @@ class HitLane:
         if known is not None and known[0] is entry:
             return known[1]
         head = render_head(entry)
-        self._heads.keep(id(entry), (entry, head), 0)  # the entry is held by the cache's own memory too
+        self._heads.keep(id(entry), (entry, head), len(entry.body) + len(head or b""))
         return head
 
 
