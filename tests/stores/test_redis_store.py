@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.cluster
+from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -319,6 +320,23 @@ async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: 
     assert "WRONGTYPE" in str(results[0])
     assert results[1] is None
     assert await own_store.get("k") == b"v"
+
+
+async def test_a_batch_reads_the_same_replies_through_redis_pys_own_parser(restartable_redis: RedisServer) -> None:
+    # the store reads a batch's replies from the hiredis reader itself; with any other parser it
+    # goes through connection.read_response(), and callers must not tell the difference
+    client = Redis.from_url(restartable_redis.url, socket_timeout=None, parser_class=_AsyncRESP2Parser)
+    store = RedisStore(client, namespace=unique_namespace(), timeout=2.0)
+    try:
+        await store.sadd("a-set", "m", ttl=60)
+        results = await asyncio.gather(
+            store.get("a-set"), store.set("k", b"v", ttl=60), store.get_many("k", "none"), return_exceptions=True
+        )
+        assert isinstance(results[0], StoreUnavailable) and "WRONGTYPE" in str(results[0])
+        assert results[1:] == [None, [b"v", None]]
+        assert (await store.take("t", limit=2, period=60)).remaining == 1
+    finally:
+        await store.aclose()
 
 
 async def test_a_connection_redis_closed_is_replaced_within_the_same_call(
