@@ -116,6 +116,9 @@ class GatewayProtocol(RequestHandler):
       and the connection is closed, so the upstream never sees a complete body.
     - An oversized request line is a **414**, an oversized header field or too many header
       fields a **431**, any other malformed request a 400; all problem+json and one log line.
+    - **The hit lane** (:mod:`gateway.hit_lane`): a request aiohttp's parser has just read on an
+      idle connection is offered to the lane before aiohttp's connection loop is woken for it;
+      the lane writes a fresh cache hit itself, or leaves the request to aiohttp untouched.
 
     One timer handle per connection: moving a deadline later only stores a float, and the
     handle reschedules itself when it fires early (aiohttp's keep-alive timer does the same),
