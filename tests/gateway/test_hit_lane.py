@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -377,3 +378,21 @@ async def test_a_reload_that_adds_a_rate_limit_closes_the_lane_for_that_route(
     answer = await connection.get("/api/svc/a")
     assert b"X-Cache: HIT" in answer and b"X-RateLimit-Remaining: 4" in answer
     assert gateway.answered == 1
+
+
+async def test_a_failing_lane_costs_the_request_nothing(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway, connection = await filled(make_gateway, "/api/svc/a")
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway.app[HIT_LANE], "answer", broken)
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        hit = await connection.get("/api/svc/a")
+    assert hit.startswith(b"HTTP/1.1 200 OK") and b"X-Cache: HIT" in hit and hit.endswith(b"hello")
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway"] == [
+        "the hit lane failed on GET /api/svc/a; the request goes through the full chain"
+    ]
+    assert b"X-Cache: HIT" in await connection.get("/api/svc/a")  # the connection serves on
