@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import logging
 import re
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -24,11 +26,14 @@ import pytest
 from aiohttp import web
 
 from gateway.access_log import LineBatcher
-from gateway.app import HIT_LANE, STORE, create_app
+from gateway.app import HIT_LANE, STORE, RouteHolder, create_app
 from gateway.config import load_text
+from gateway.hit_lane import HitLane
 from gateway.metrics import METRICS
 from gateway.reload import Reloader
+from middleware._cache_key import Entry
 from middleware.cache import purge
+from middleware.request_id import RequestIdMiddleware
 from tests.conftest import GatewayTestServer
 from tests.rawserver import RawServer, ServerRequest, answering
 
@@ -396,3 +401,20 @@ async def test_a_failing_lane_costs_the_request_nothing(
         "the hit lane failed on GET /api/svc/a; the request goes through the full chain"
     ]
     assert b"X-Cache: HIT" in await connection.get("/api/svc/a")  # the connection serves on
+
+
+def test_the_heads_the_lane_remembers_hold_at_most_8_mib_of_entries() -> None:
+    lane = HitLane(RouteHolder(), RequestIdMiddleware())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(40):  # 20 MiB of entries, each rendered once and then dropped by the cache
+            body = bytes([n]) * (512 * 1024)
+            entry = Entry(200, "OK", [("Date", DATE)], body, stored=0.0, age=0.0, fresh=60.0, stale=0.0)
+            assert lane._head(entry) is not None
+            del entry, body
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= 8 * 1024 * 1024 + 256 * 1024  # the bound, and a little for the memory's own dict
