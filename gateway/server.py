@@ -192,7 +192,11 @@ class GatewayProtocol(RequestHandler):
             self._deadline = min(now + self._body_timeout, self._credit)
         count = self._request_count
         waiter = self._waiter
-        if self._lane is not None and waiter is not None and not waiter.done() and not self._messages:
+        if waiter is not None:  # aiohttp's connection loop is parked, waiting for a request
+            idle = not waiter.done()
+        else:  # busy with a request, or not started yet: only before the first request is it idle
+            idle = count == 0
+        if self._lane is not None and idle and not self._messages:
             self._offer_to_lane(data, waiter)
         else:
             super().data_received(data)
@@ -209,10 +213,11 @@ class GatewayProtocol(RequestHandler):
         elif self._phase == _HEAD and self.transport is not None:
             self._arm(self._deadline)
 
-    def _offer_to_lane(self, data: bytes, waiter: asyncio.Future[None]) -> None:
+    def _offer_to_lane(self, data: bytes, waiter: asyncio.Future[None] | None) -> None:
         """aiohttp's data_received, with a request that completes in ``data`` offered to the hit
-        lane (:mod:`gateway.hit_lane`) before aiohttp's connection loop, parked on ``waiter``
-        with nothing to do, is woken for it. The lane answers it or leaves it all to aiohttp."""
+        lane (:mod:`gateway.hit_lane`) before aiohttp's connection loop, idle (parked on
+        ``waiter``, or not started yet), is woken for it. The lane answers it or leaves it all
+        to aiohttp."""
         self._waiter = None  # what aiohttp sets to wake its loop: held back while the lane looks
         try:
             super().data_received(data)
@@ -224,7 +229,7 @@ class GatewayProtocol(RequestHandler):
         if len(messages) == 1 and self._answered_by_lane(*messages[0]):
             messages.popleft()
             return
-        if not waiter.done():
+        if waiter is not None and not waiter.done():  # (a loop not started yet finds the request itself)
             waiter.set_result(None)
 
     def _answered_by_lane(self, message: object, payload: object) -> bool:

@@ -223,6 +223,38 @@ async def test_an_entry_the_lane_cannot_write_exactly_is_replayed_the_full_way(
     assert gateway.answered == 0
 
 
+def test_a_clients_first_request_on_a_new_connection_is_answered_too() -> None:
+    # curl's way: connect, send at once, one request a connection. On uvloop (the production
+    # loop) the request can be read before aiohttp's connection loop has started at all; the
+    # lane answers it then too. The client writes before the gateway's loop runs, so that order
+    # is certain here.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> int:
+        upstream = await RawServer(answering(TYPICAL)).start()
+        config = load_text(YAML.format(upstream=upstream.origin), env={"JWT_SECRET": SECRET})
+        app = create_app(config, access_log=LineBatcher(io.BytesIO()))
+        server = GatewayTestServer(app)
+        await server.start_server()
+        try:
+            for n in range(4):
+                sock = socket.create_connection(("127.0.0.1", server.port))  # blocking: before the loop looks
+                sock.sendall(b"GET /api/svc/a HTTP/1.1\r\nHost: gw\r\n\r\n")
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_connection(sock=sock)
+                answer = await Connection(reader, writer).response()
+                assert (b"X-Cache: MISS" if n == 0 else b"X-Cache: HIT") in answer
+                writer.close()
+                await writer.wait_closed()
+            return app[HIT_LANE].answered
+        finally:
+            await server.close()
+            await upstream.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == 3
+
+
 async def test_the_access_log_line_and_metrics_are_the_full_chains(make_gateway: MakeGateway) -> None:
     gateway, connection = await filled(make_gateway, "/api/svc/a?x=1")
     await connection.get("/api/svc/a?x=1")
