@@ -352,8 +352,8 @@ class CacheMiddleware:
         age = entry.age_at(self._clock())
         if age >= entry.fresh:
             return None
-        return entry, {X_CACHE: "HIT", CACHE_STATUS: f"{_NAME}; hit; ttl={math.floor(entry.fresh - age)}",
-                       hdrs.AGE: str(math.floor(age))}  # fmt: skip  # what _replay adds (via _tell)
+        ttl, seconds = math.floor(entry.fresh - age), math.floor(age)
+        return entry, self._headers("HIT", f"hit; ttl={ttl}", {hdrs.AGE: str(seconds)})  # what _replay adds
 
     def _replay(self, request: web.Request, entry: Entry, result: str, status: str) -> web.Response:
         age = math.floor(entry.age_at(self._clock()))
