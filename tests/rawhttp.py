@@ -4,6 +4,7 @@ or never send (trickled heads, stalled bodies)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 
@@ -75,10 +76,18 @@ def _dechunk(data: bytes) -> bytes:
 
 
 async def read_response(reader: asyncio.StreamReader, seconds: float = 10.0) -> RawResponse:
-    """One response with a ``Content-Length`` from a connection that stays open (keep-alive)."""
+    """One response from a connection that stays open (keep-alive)."""
+    return parse_response(await read_raw_response(reader, seconds))
+
+
+async def read_raw_response(reader: asyncio.StreamReader, seconds: float = 10.0, *, head_only: bool = False) -> bytes:
+    """One response from a connection that stays open, byte for byte: its head and its
+    ``Content-Length`` or chunked body (``head_only``: the head alone, as for a HEAD)."""
     async with asyncio.timeout(seconds):
         head = await reader.readuntil(b"\r\n\r\n")
-        response = parse_response(head)
-        length = int(response.header("Content-Length") or 0)
-        body = await reader.readexactly(length)
-    return RawResponse(response.status, response.headers, body)
+        if head_only:
+            return head
+        if re.search(rb"\r\nTransfer-Encoding: chunked\r\n", head, re.IGNORECASE):
+            return head + await reader.readuntil(b"\r\n0\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.IGNORECASE)
+        return head + await reader.readexactly(int(length.group(1)) if length else 0)

@@ -35,6 +35,7 @@ from middleware._cache_key import Entry
 from middleware.cache import purge
 from middleware.request_id import RequestIdMiddleware
 from tests.conftest import GatewayTestServer
+from tests.rawhttp import read_raw_response
 from tests.rawserver import RawServer, ServerRequest, answering
 
 DATE = "Sun, 22 Nov 2026 06:00:00 GMT"
@@ -95,15 +96,8 @@ class Connection:
         self.writer.write(data)
 
     async def response(self, *, head_only: bool = False) -> bytes:
-        """One whole response, byte for byte (a Content-Length or chunked body)."""
-        async with asyncio.timeout(5):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            if head_only:
-                return head
-            if b"\r\nTransfer-Encoding: chunked\r\n" in head:
-                return head + await self.reader.readuntil(b"\r\n0\r\n\r\n")
-            length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.IGNORECASE)
-            return head + await self.reader.readexactly(int(length.group(1)) if length else 0)
+        """One whole response, byte for byte."""
+        return await read_raw_response(self.reader, 5, head_only=head_only)
 
     async def closed_within(self, seconds: float) -> bool:
         try:
