@@ -3,8 +3,8 @@
 One client (and so one connection pool) per store, which the app opens once per process.
 Every call goes through :meth:`RedisStore._edge`, the one place that bounds it by ``timeout``
 (retries and reconnects included) and translates whatever redis-py raises into
-:class:`~middleware.base.StoreUnavailable`. A broken connection is dropped
-by redis-py and a new one made on the next call, so the store recovers when Redis comes back.
+:class:`~middleware.base.StoreUnavailable`. A broken connection is dropped and a new one made
+on the next call, so the store recovers when Redis comes back.
 
 ``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA` (loaded again automatically
 after a Redis restart), with the time taken from the Redis server so that instances agree.
@@ -14,11 +14,13 @@ connection for all of them. redis-py's cost per call (a pooled connection taken 
 back, a round trip awaited) is most of what a command costs the gateway in CPU, so this
 "auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low. Each
 command is still its own atomic step; one request's commands still run in its order.
-The batch is written on a pooled redis-py connection as raw commands and its replies read
-back one by one, without redis-py's ``Pipeline`` (its per-command bookkeeping, reply
-callbacks and per-call instrumentation were about half of what a Redis command cost the
-gateway), packed by hiredis; connecting, AUTH, TLS, SELECT and reading replies (with
-hiredis's parser) are still redis-py's.
+The batches go out on one connection kept for them (:class:`gateway.stores.redis_pipe.Pipe`),
+each written as soon as its turn ends, without waiting for the replies to earlier ones; one
+reader task takes the replies off in order. There is no redis-py ``Pipeline`` (its per-command
+bookkeeping, reply callbacks and per-call instrumentation were about half of what a Redis
+command cost the gateway) and no pool checkout, task or timeout context per batch (most of
+the rest); commands are packed by hiredis. Connecting, AUTH, TLS, SELECT and reading replies
+(with hiredis's parser) are still redis-py's.
 Keys are ``<namespace>{<key>}``. The braces are a Cluster hash tag: the slot depends on the
 caller's key up to its first ``}`` (all of it when it has none), never on the namespace, so
 ``c:{users}:gen`` and ``c:{users}:e:1`` share a slot, for a future script over both.
@@ -33,19 +35,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-import hiredis
 from redis._parsers.commands import AsyncCommandsParser
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.stores.gcra import LUA, interval_us, quota
+from gateway.stores.redis_pipe import Command, Pipe
 from middleware.base import Quota, StoreUnavailable
 
 __all__ = ("RedisStore",)
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Client = Redis | RedisCluster
-Command = tuple[str | bytes | int | float, ...]  # one raw command: name and arguments
 Batch = list[tuple[tuple[Command, ...], "asyncio.Future[Any]"]]  # each request's commands, and who waits for them
 
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, TryAgainError, ReadOnlyError
@@ -82,7 +80,8 @@ class RedisStore:
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
         self._batch: Batch = []  # commands waiting to be sent (one Redis)
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Task[None]] = set()  # batches that met a flushed script
+        self._pipe = Pipe(lambda: self._edge("connect", self._checked_out), self._checked_in, timeout=timeout)
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = "gw:", timeout: float = 0.05) -> RedisStore:
@@ -210,65 +209,69 @@ class RedisStore:
 
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        commands = [command for entry, _ in batch for command in entry]
+        self._pipe.send(commands, lambda replies: self._settle(batch, commands, replies))
 
-    async def _send(self, batch: Batch) -> None:
-        try:
-            results = await self._edge("pipeline", lambda client: self._pipelined(client, batch))
-        except StoreUnavailable as exc:
+    def _settle(self, batch: Batch, commands: list[Command], replies: list[Any] | StoreUnavailable) -> None:
+        """Give each queued entry its result: the reply to its last command, or the first error among its commands."""
+        if isinstance(replies, StoreUnavailable):
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(StoreUnavailable(str(exc)))
+                    future.set_exception(StoreUnavailable(str(replies)))
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its request was cancelled meanwhile
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(StoreUnavailable(f"redis: {type(result).__name__}: {result}"))
-            else:
-                future.set_result(result)
-
-    async def _pipelined(self, client: Client, batch: Batch) -> list[Any]:
-        """Each queued entry's result: the reply to its last command, or the first error among its commands."""
-        commands = [command for entry, _ in batch for command in entry]
-        replies = await self._exchange(client, commands)
-        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if unknown:  # a restarted or flushed Redis: load the script, and run again only what failed
-            # (the rest of the batch did run: an INCR or a take sent twice would count twice)
-            self._gcra.sha = await client.script_load(LUA)
-            again = await self._exchange(client, [_with_sha(commands[i], self._gcra.sha) for i in unknown])
-            for i, reply in zip(unknown, again, strict=True):
-                replies[i] = reply
-        results, begin = [], 0
-        for entry, _ in batch:
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            task = asyncio.get_running_loop().create_task(self._after_script_flush(batch, commands, replies))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            return
+        begin = 0
+        for entry, future in batch:
             end = begin + len(entry)
-            errors = [reply for reply in replies[begin:end] if isinstance(reply, Exception)]
-            results.append(errors[0] if errors else replies[end - 1])
+            if not future.done():  # else its request was cancelled meanwhile
+                errors = [reply for reply in replies[begin:end] if isinstance(reply, Exception)]
+                if errors:
+                    future.set_exception(StoreUnavailable(f"redis: {type(errors[0]).__name__}: {errors[0]}"))
+                else:
+                    future.set_result(replies[end - 1])
             begin = end
-        return results
 
-    async def _exchange(self, client: Client, commands: list[Command]) -> list[Any]:
-        """Write ``commands`` in one go on a pooled connection and read every reply (an error
-        reply is returned, not raised). Like redis-py's pipeline: once more on a fresh connection
-        when the pooled one turns out to be broken (Redis restarted, an idle timeout)."""
-        assert isinstance(client, Redis), "one Redis only: a Cluster routes each command itself"
-        pool = client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _after_script_flush(self, batch: Batch, commands: list[Command], replies: list[Any]) -> None:
+        """A restarted or flushed Redis: load the script, and run again only what failed (the
+        rest of the batch did run: an INCR or a take sent twice would count twice)."""
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         try:
-            try:
-                return await _round_trip(connection, commands)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                await connection.disconnect()
-                return await _round_trip(connection, commands)
-        except BaseException:
-            # cut short (a timeout, a cancelled request) or failed: replies may still be on their
-            # way, so the connection cannot go back to the pool as it is
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(connection)
+            self._gcra.sha = await self._edge("script load", lambda client: client.script_load(LUA))
+            again = await self._sent_now([_with_sha(commands[i], self._gcra.sha) for i in unknown])
+        except StoreUnavailable as exc:
+            self._settle(batch, commands, exc)
+            return
+        for i, reply in zip(unknown, again, strict=True):
+            replies[i] = reply
+        self._settle(batch, commands, replies)
+
+    def _sent_now(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
+        """``commands`` on the pipe, on their own: a future of their replies (StoreUnavailable raised)."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+        def done(replies: list[Any] | StoreUnavailable) -> None:
+            if future.done():
+                return
+            if isinstance(replies, StoreUnavailable):
+                future.set_exception(replies)
+            else:
+                future.set_result(replies)
+
+        self._pipe.send(commands, done)
+        return future
+
+    async def _checked_out(self, client: Client) -> AbstractConnection:
+        """A connection of the client's pool for the pipe, kept out of the pool until it breaks."""
+        assert isinstance(client, Redis), "one Redis only: a Cluster routes each command itself"
+        return cast("AbstractConnection", await client.connection_pool.get_connection())  # type: ignore[no-untyped-call]
+
+    async def _checked_in(self, connection: AbstractConnection) -> None:
+        assert isinstance(self._client, Redis)
+        await self._client.connection_pool.release(connection)
 
     async def ping(self) -> None:
         """Return when Redis answers. Until the client has started (its first connection; on a
@@ -286,6 +289,9 @@ class RedisStore:
             await asyncio.wait({self._starting})
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(max(self._timeout, 1.0)):
+                await self._pipe.aclose()
+                if self._sending:
+                    await asyncio.wait(self._sending)
                 await self._client.aclose()
 
     async def _edge(self, what: str, command: Callable[[Client], Awaitable[T]], *, seconds: float = 0.0) -> T:
@@ -342,33 +348,6 @@ class RedisStore:
     def _started(self, task: asyncio.Task[None]) -> None:
         self._starting = None  # after a failure, the next call starts over
         self._ready = not task.cancelled() and task.exception() is None
-
-
-async def _round_trip(connection: AbstractConnection, commands: list[Command]) -> list[Any]:
-    packed = b"".join([hiredis.pack_command(command) for command in commands])  # type: ignore[arg-type]
-    await connection.send_packed_command(packed, check_health=False)
-    parser = connection._parser
-    replies: list[Any] = []
-    if not isinstance(parser, _AsyncHiredisParser):  # not redis-py's default with hiredis installed
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
-    # The replies straight from the connection's hiredis reader: what connection.read_response()
-    # does for each, less its per-reply wrapping (a third of a Redis command's cost, measured).
-    # An error reply comes as a ResponseError value; a connection error is raised, as there.
-    reader = cast("hiredis.Reader", parser._reader)  # set when the connection connected (send above)
-    for _ in commands:
-        reply = reader.gets()
-        while reply is NOT_ENOUGH_DATA:
-            await parser.read_from_socket()  # type: ignore[no-untyped-call]
-            reply = reader.gets()
-        if isinstance(reply, RedisConnectionError):  # e.g. LOADING: a Redis that is starting
-            raise reply
-        replies.append(reply)
-    return replies
 
 
 def _with_sha(command: Command, sha: str) -> Command:

@@ -403,3 +403,73 @@ async def test_after_a_script_flush_the_rest_of_the_batch_runs_once(redis_server
         assert (await store.take("rl", limit=5, period=60)).remaining == 2
     finally:
         await store.aclose()
+
+
+# -- the pipe: batches written back to back on one connection -------------------------------
+
+
+def _store_connections(server: RedisServer) -> int:
+    """Clients connected to ``server`` other than the one asking."""
+    with server.client() as check:
+        return int(check.info("clients")["connected_clients"]) - 1
+
+
+async def test_a_batch_is_sent_while_earlier_ones_still_wait_for_their_replies(
+    restartable_redis: RedisServer, own_store: Store
+) -> None:
+    await own_store.set("a", b"1", ttl=60)
+    await own_store.set("b", b"2", ttl=60)
+    restartable_redis.pause()  # nothing is answered: the first batch is still waiting when the next goes out
+    try:
+        first = asyncio.ensure_future(own_store.get("a"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(own_store.get_many("b", "a"))
+        await asyncio.sleep(0.05)
+        third = asyncio.ensure_future(own_store.incr("n"))
+        await asyncio.sleep(0.05)
+    finally:
+        restartable_redis.resume()
+    assert await asyncio.gather(first, second, third) == [b"1", [b"2", b"1"], 1]  # each its own reply, in order
+    assert _store_connections(restartable_redis) == 1  # one connection carried all three
+
+
+async def test_a_caller_that_gave_up_leaves_its_reply_to_nobody_else(
+    restartable_redis: RedisServer, own_store: Store
+) -> None:
+    await own_store.set("a", b"1", ttl=60)
+    await own_store.set("b", b"2", ttl=60)
+    restartable_redis.pause()
+    try:
+        abandoned = asyncio.ensure_future(own_store.get("a"))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()  # its request went away; the GET is already on the wire
+        kept = asyncio.ensure_future(own_store.get("b"))
+        await asyncio.sleep(0.05)
+    finally:
+        restartable_redis.resume()
+    assert await kept == b"2"
+    assert abandoned.cancelled()
+    assert await own_store.get("a") == b"1"
+
+
+async def test_closing_the_store_fails_what_is_under_way_and_leaves_nothing_running(
+    restartable_redis: RedisServer,
+) -> None:
+    store = open_store(StoreConfig(url=restartable_redis.url, timeout=2.0), namespace=unique_namespace())
+    await store.ping()
+    await store.set("a", b"1", ttl=60)
+    restartable_redis.pause()
+    try:
+        pending = asyncio.ensure_future(store.get("a"))
+        await asyncio.sleep(0.05)
+        before = asyncio.all_tasks()
+        await store.aclose()
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await pending
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await store.get("a")
+    finally:
+        restartable_redis.resume()
+    await asyncio.sleep(0)
+    assert not [task for task in asyncio.all_tasks() - before if not task.done()]
+    assert all(task.done() for task in before if "Pipe" in repr(task))  # its reader is gone too
