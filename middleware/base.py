@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
 
@@ -21,13 +21,17 @@ __all__ = (
     "CLIENT_IP",
     "OUTCOME",
     "REQUEST_ID",
+    "AddToSet",
     "BodyTap",
+    "Change",
     "Handler",
     "IPNetwork",
     "Middleware",
     "Outcome",
+    "Put",
     "Quota",
     "ReadsNow",
+    "Remove",
     "Store",
     "StoreUnavailable",
     "add_response_headers",
@@ -63,6 +67,31 @@ class Quota:
     retry_after: float  # seconds until one more request would be admitted; 0.0 when allowed
 
 
+class Put(NamedTuple):
+    """A change for :meth:`Store.write`: ``set(key, value, ttl=ttl)``."""
+
+    key: str
+    value: bytes
+    ttl: float
+
+
+class AddToSet(NamedTuple):
+    """A change for :meth:`Store.write`: ``sadd(key, *members, ttl=ttl)``."""
+
+    key: str
+    members: tuple[str, ...]
+    ttl: float
+
+
+class Remove(NamedTuple):
+    """A change for :meth:`Store.write`: ``delete(*keys)``."""
+
+    keys: tuple[str, ...]
+
+
+Change = Put | AddToSet | Remove
+
+
 class StoreUnavailable(Exception):
     """The store could not be reached in time; the caller decides (on_error: allow, deny, local)."""
 
@@ -91,6 +120,16 @@ class Store(Protocol):
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
         """``get`` of several keys in one round trip (on a Cluster, give them one hash tag)."""
+        ...
+
+    async def add_and_get(self, key: str, value: bytes, *, ttl: float, then: str) -> tuple[bool, bytes | None]:
+        """``add(key, value, ttl=ttl)``, then ``get(then)``, in one round trip: a lock taken, and
+        a look at what it guards (on a Cluster, give both keys one hash tag)."""
+        ...
+
+    async def write(self, *changes: Change) -> None:
+        """Apply ``changes`` in order, in one round trip (one after another on a Cluster). When
+        this raises StoreUnavailable, some of them may have been applied."""
         ...
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:

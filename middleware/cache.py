@@ -26,7 +26,7 @@ The rules:
 - A successful (2xx/3xx) POST, PUT, PATCH or DELETE bumps its path's generation: every cached
   variant of that path (all queries, subjects and Vary values) is gone for every instance.
 - Concurrent misses on one key make one upstream request: in-process the others wait for the
-  first; across instances sharing a Redis, the first takes a short lock (``Store.add``) and the
+  first; across instances sharing a Redis, the first takes a short lock (``Store.add_and_get``) and the
   others poll for its entry, bounded by ``lock_wait``, then go upstream themselves.
 - ``stale_while_revalidate``: a stale entry is served (STALE) while one background request
   refreshes it. ``stale_if_error``: a stale entry is served instead of a 5xx, a refused
@@ -55,10 +55,14 @@ from .base import (
     BODY_TAP,
     CLAIMS,
     OUTCOME,
+    AddToSet,
+    Change,
     Handler,
     Outcome,
+    Put,
     ReadsNow,
     Recent,
+    Remove,
     Store,
     StoreUnavailable,
     add_response_headers,
@@ -137,6 +141,7 @@ class _Lookup:
     varying: list[str]  # the header names the URL's response varies on, as last stored
     digest: str
     entry: Entry | None
+    lock: str | None = None  # the fill lock this request holds, until it is released
 
 
 @dataclass(slots=True)
@@ -400,15 +405,19 @@ class CacheMiddleware:
         future: asyncio.Future[_Filled | None] = asyncio.get_running_loop().create_future()
         self._inflight[lookup.digest] = future
         lock = self._keys.lock(lookup.digest)
-        locked = False
         try:
+            # Take the lock and look once more, in one round trip: a fill that ended while this
+            # miss was looking up released the lock after storing. Without the lock, another
+            # instance is filling the entry: wait for it.
             try:
-                locked = await self._store.add(lock, b"1", ttl=self._lock_wait)
+                locked, data = await self._store.add_and_get(
+                    lock, b"1", ttl=self._lock_wait, then=self._keys.entry(lookup.digest)
+                )
             except StoreUnavailable:
-                locked = True  # nobody else can see the store either
-            # Without the lock, another instance is filling the entry: wait for it. With it, look
-            # once more: a fill that ended while this miss was looking up released it after storing.
-            entry = await self._poll(request, lookup) if not locked else await self._recheck(request, lookup)
+                locked, data = True, None  # nobody else can see the store either
+            if locked:
+                lookup.lock = lock  # released by _keep with the entry, or below
+            entry = self._fresh(data) if locked else await self._poll(request, lookup)
             if entry is not None:
                 future.set_result(self._filled(request, lookup, entry))
                 return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
@@ -417,7 +426,8 @@ class CacheMiddleware:
             if not future.done():
                 future.set_result(None)
             del self._inflight[lookup.digest]
-            if locked:
+            if lookup.lock is not None:
+                lookup.lock = None
                 await self._quietly(self._store.delete(lock))
 
     async def _wait(self, pending: asyncio.Future[_Filled | None]) -> _Filled | None:
@@ -441,11 +451,7 @@ class CacheMiddleware:
             return None
         return entry
 
-    async def _recheck(self, request: web.Request, lookup: _Lookup) -> Entry | None:
-        try:
-            data = await self._store.get(self._keys.entry(lookup.digest))
-        except StoreUnavailable:
-            return None
+    def _fresh(self, data: bytes | None) -> Entry | None:
         entry = self._entries.decode(data) if data is not None else None
         return entry if entry is not None and entry.age_at(self._clock()) < entry.fresh else None
 
@@ -526,14 +532,19 @@ class CacheMiddleware:
             return entry
         varying = vary_of(headers.getall(hdrs.VARY, ())) or []
         digest = lookup.digest if varying == lookup.varying else self._digest(request, lookup, varying)
-        keys = self._keys
+        keys, index_ttl = self._keys, max(ttl, _INDEX_TTL)
+        changes: list[Change] = []
+        if varying != lookup.varying:
+            changes.append(Put(keys.vary(lookup.url), ",".join(varying).encode(), index_ttl))
+        changes.append(Put(keys.entry(digest), entry.encode(), ttl))
+        changes.append(AddToSet(keys.index, (f"{digest} {lookup.path}",), index_ttl))
+        for tag in entry.tags:
+            changes.append(AddToSet(keys.tag(tag), (digest,), index_ttl))
+        if lookup.lock is not None:  # released once the entry is there, in the same round trip
+            changes.append(Remove((lookup.lock,)))
+            lookup.lock = None
         try:
-            if varying != lookup.varying:
-                await self._store.set(keys.vary(lookup.url), ",".join(varying).encode(), ttl=max(ttl, _INDEX_TTL))
-            await self._store.set(keys.entry(digest), entry.encode(), ttl=ttl)
-            await self._store.sadd(keys.index, f"{digest} {lookup.path}", ttl=max(ttl, _INDEX_TTL))
-            for tag in entry.tags:
-                await self._store.sadd(keys.tag(tag), digest, ttl=max(ttl, _INDEX_TTL))
+            await self._store.write(*changes)
         except StoreUnavailable as exc:
             logger.debug("cache store unavailable while storing: %s", exc)
         return entry

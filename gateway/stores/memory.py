@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.stores.gcra import decide, interval_us
-from middleware.base import Quota
+from middleware.base import AddToSet, Change, Put, Quota
 
 __all__ = ("ENTRY_OVERHEAD", "SET_MEMBER_OVERHEAD", "MemoryStore")
 
@@ -93,6 +93,24 @@ class MemoryStore:
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
         return self.get_many_now(*keys)
+
+    async def add_and_get(self, key: str, value: bytes, *, ttl: float, then: str) -> tuple[bool, bytes | None]:
+        added = await self.add(key, value, ttl=ttl)
+        entry = self._lookup(then, self._clock())
+        return added, None if entry is None else entry.value
+
+    async def write(self, *changes: Change) -> None:
+        for change in changes:
+            if isinstance(change, Put):
+                if change.ttl <= 0:
+                    self._remove(change.key)
+                else:
+                    self._store(change.key, bytes(change.value), self._clock() + change.ttl)
+            elif isinstance(change, AddToSet):
+                await self.sadd(change.key, *change.members, ttl=change.ttl)
+            else:
+                for key in change.keys:
+                    self._remove(key)
 
     def get_many_now(self, *keys: str) -> list[bytes | None]:
         """``get_many`` without a coroutine (:class:`~middleware.base.ReadsNow`): the cache's hit lane."""

@@ -45,7 +45,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.stores.gcra import LUA, interval_us, quota
 from gateway.stores.redis_pipe import Command, Pipe
-from middleware.base import Quota, StoreUnavailable
+from middleware.base import AddToSet, Change, Put, Quota, StoreUnavailable
 
 __all__ = ("RedisStore",)
 
@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Client = Redis | RedisCluster
-Batch = list[tuple[tuple[Command, ...], "asyncio.Future[Any]"]]  # each request's commands, and who waits for them
+Batch = list[tuple[tuple[Command, ...], "asyncio.Future[list[Any]]"]]  # each request's commands, and who waits for them
 
 # RedisError covers ConnectionError, TimeoutError, ClusterDownError, TryAgainError, ReadOnlyError
 # (failover) and BusyLoadingError; RedisClusterException covers SlotNotCoveredError and friends.
@@ -115,7 +115,7 @@ class RedisStore:
         if self._detach or now_us:
             result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         else:
-            result = await self._batched(("EVALSHA", self._gcra.sha, 1, keys[0], *args))
+            (result,) = await self._batched(("EVALSHA", self._gcra.sha, 1, keys[0], *args))
         allowed, remaining, reset_us, retry_us = result
         return quota(allowed, remaining, reset_us, retry_us)
 
@@ -158,8 +158,42 @@ class RedisStore:
         if self._detach:  # one MGET per slot; one round trip when the keys share a hash tag
             values = await self._edge("get_many", lambda client: client.mget_nonatomic(names))  # type: ignore[union-attr]
         else:
-            values = await self._batched(("MGET", *names))
+            (values,) = await self._batched(("MGET", *names))
         return cast("list[bytes | None]", values)
+
+    async def add_and_get(self, key: str, value: bytes, *, ttl: float, then: str) -> tuple[bool, bytes | None]:
+        """``SET NX PX`` then ``GET``, in one batch (on a Cluster: one call, then the other)."""
+        if self._detach or ttl <= 0:
+            return await self.add(key, value, ttl=ttl), await self.get(then)
+        stored, found = await self._batched(
+            ("SET", self.key(key), value, "PX", _ms(ttl), "NX"), ("GET", self.key(then))
+        )
+        return bool(stored), cast("bytes | None", found)
+
+    async def write(self, *changes: Change) -> None:
+        """Every change's commands in one batch (on a Cluster: one call after another)."""
+        if self._detach:
+            for change in changes:
+                if isinstance(change, Put):
+                    await self.set(change.key, change.value, ttl=change.ttl)
+                elif isinstance(change, AddToSet):
+                    await self.sadd(change.key, *change.members, ttl=change.ttl)
+                else:
+                    await self.delete(*change.keys)
+            return
+        commands: list[Command] = []
+        for change in changes:
+            if isinstance(change, Put):
+                name = self.key(change.key)
+                commands.append(("SET", name, change.value, "PX", _ms(change.ttl)) if change.ttl > 0 else ("DEL", name))
+            elif isinstance(change, AddToSet):
+                if change.members:
+                    name = self.key(change.key)
+                    commands += [("SADD", name, *change.members), ("PEXPIRE", name, _ms(change.ttl))]
+            elif change.keys:
+                commands.append(("DEL", *(self.key(key) for key in change.keys)))
+        if commands:
+            await self._batched(*commands)
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:
         """``SADD`` then ``PEXPIRE``, in one pipelined round trip."""
@@ -195,13 +229,14 @@ class RedisStore:
         same call on redis-py's client API (which routes it to the node of its slot)."""
         if self._detach:
             return await self._edge(what, command)
-        return await self._batched(raw)
+        (reply,) = await self._batched(raw)
+        return reply
 
-    async def _batched(self, *commands: Command) -> Any:
-        """Queue ``commands`` (one request's, run in order) for this turn's batch; the reply to
-        the last one, or StoreUnavailable carrying the first error among them."""
+    async def _batched(self, *commands: Command) -> list[Any]:
+        """Queue ``commands`` (one request's, run in order) for this turn's batch; their replies,
+        or StoreUnavailable carrying the first error among them."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         self._batch.append((commands, future))
         if len(self._batch) == 1:  # the first of this turn: send once everyone runnable now has queued
             loop.call_soon(self._send_batch)
@@ -213,7 +248,7 @@ class RedisStore:
         self._pipe.send(commands, lambda replies: self._settle(batch, commands, replies))
 
     def _settle(self, batch: Batch, commands: list[Command], replies: list[Any] | StoreUnavailable) -> None:
-        """Give each queued entry its result: the reply to its last command, or the first error among its commands."""
+        """Give each queued entry its result: the replies to its commands, or the first error among them."""
         if isinstance(replies, StoreUnavailable):
             for _, future in batch:
                 if not future.done():
@@ -228,11 +263,12 @@ class RedisStore:
         for entry, future in batch:
             end = begin + len(entry)
             if not future.done():  # else its request was cancelled meanwhile
-                errors = [reply for reply in replies[begin:end] if isinstance(reply, Exception)]
+                own = replies[begin:end]
+                errors = [reply for reply in own if isinstance(reply, Exception)]
                 if errors:
                     future.set_exception(StoreUnavailable(f"redis: {type(errors[0]).__name__}: {errors[0]}"))
                 else:
-                    future.set_result(replies[end - 1])
+                    future.set_result(own)
             begin = end
 
     async def _after_script_flush(self, batch: Batch, commands: list[Command], replies: list[Any]) -> None:

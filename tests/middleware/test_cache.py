@@ -11,7 +11,7 @@ import asyncio
 import collections
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 from aiohttp import web
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from gateway.config import StoreConfig
 from gateway.stores import MemoryStore, open_store
-from middleware.base import BODY_TAP, OUTCOME, Handler, Store
+from middleware.base import BODY_TAP, OUTCOME, AddToSet, Change, Handler, Put, Remove, Store
 from middleware.cache import CacheConfig, CacheMiddleware, purge
 from middleware.schema import ConfigError, Section
 from tests.stores.conftest import FakeClock
@@ -177,6 +177,70 @@ async def test_two_instances_on_one_store_fill_once(make_client: MakeClient, sto
     assert upstream.hits["/a"] == 1
     assert {body for _, body in results} == {"/a#1"}
     assert sorted(result for result, _ in results) == ["HIT"] * 19 + ["MISS"]
+
+
+class _Watched:
+    """The test's store, with a record of the fill-lock calls made through it; ``before_lock``
+    runs just before each lock is taken."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.calls: list[tuple[str, object]] = []
+        self.before_lock: Callable[[], Awaitable[object]] | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    async def add_and_get(self, key: str, value: bytes, *, ttl: float, then: str) -> tuple[bool, bytes | None]:
+        if self.before_lock is not None:
+            await self.before_lock()
+        self.calls.append(("lock", key))
+        return await self.store.add_and_get(key, value, ttl=ttl, then=then)
+
+    async def write(self, *changes: Change) -> None:
+        self.calls.append(("write", changes))
+        await self.store.write(*changes)
+
+    async def delete(self, *keys: str) -> int:
+        self.calls.append(("delete", keys))
+        return await self.store.delete(*keys)
+
+
+async def test_a_fill_that_ends_just_before_the_lock_is_taken_is_served(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream = Upstream()
+    other = await make_client(cache(store, clock), handler=upstream.handle)  # another instance
+    watched = _Watched(store)
+    watched.before_lock = lambda: get(other, "/a")  # it fills /a between this one's lookup and its lock
+    client = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
+    assert await get(client, "/a") == ("HIT", "/a#1")  # the look taken with the lock found it
+    assert upstream.hits["/a"] == 1
+
+
+async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    watched = _Watched(store)
+    client = await make_client(cache(watched, clock), handler=Upstream().handle)  # type: ignore[arg-type]
+    assert (await get(client, "/a"))[0] == "MISS"
+    (_, lock), (what, changes) = watched.calls
+    assert what == "write"
+    assert isinstance(changes, tuple) and [type(change) for change in changes] == [Put, AddToSet, Remove]
+    assert changes[-1] == Remove((str(lock),))  # after the entry and its index record
+    assert await store.get(str(lock)) is None
+    assert (await get(client, "/a"))[0] == "HIT"
+
+
+async def test_a_fill_that_stores_nothing_releases_its_lock(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    watched = _Watched(store)
+    client = await make_client(cache(watched, clock), handler=Upstream([("Cache-Control", "no-store")]).handle)  # type: ignore[arg-type]
+    assert (await get(client, "/a"))[0] == "MISS"
+    (_, lock), released = watched.calls
+    assert released == ("delete", (lock,))
+    assert await store.get(str(lock)) is None
 
 
 async def test_an_uncacheable_answer_is_not_shared_with_waiters(

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from middleware.base import Store
+from middleware.base import AddToSet, Put, Remove, Store
 from tests.stores.conftest import Advance
 
 # -- key/value --------------------------------------------------------------------------
@@ -63,6 +63,48 @@ async def test_add_only_when_absent(store: Store, advance: Advance) -> None:
 async def test_concurrent_add_has_one_winner(store: Store) -> None:
     won = await asyncio.gather(*(store.add("lock", b"%d" % i, ttl=60) for i in range(20)))
     assert sum(won) == 1
+
+
+async def test_add_and_get_takes_a_lock_and_reads_in_that_order(store: Store) -> None:
+    assert await store.add_and_get("c:{s}:lock", b"me", ttl=60, then="c:{s}:entry") == (True, None)
+    await store.set("c:{s}:entry", b"filled", ttl=60)
+    assert await store.add_and_get("c:{s}:lock", b"you", ttl=60, then="c:{s}:entry") == (False, b"filled")
+    assert await store.add_and_get("c:{s}:new", b"me", ttl=60, then="c:{s}:new") == (True, b"me")  # the add came first
+    assert await store.get("c:{s}:lock") == b"me"
+
+
+async def test_concurrent_add_and_get_has_one_winner(store: Store) -> None:
+    taken = await asyncio.gather(
+        *(store.add_and_get("c:{s}:lock", b"%d" % i, ttl=60, then="c:{s}:e") for i in range(20))
+    )
+    assert sum(locked for locked, _ in taken) == 1
+
+
+async def test_write_applies_its_changes_in_order(store: Store, advance: Advance) -> None:
+    await store.set("c:{s}:lock", b"1", ttl=60)
+    await store.set("c:{s}:gone", b"1", ttl=60)
+    await store.write(
+        Put("c:{s}:entry", b"body", 60),
+        Put("c:{s}:short", b"soon gone", 0.1),
+        AddToSet("c:{s}:index", ("a /x", "b /y"), 60),
+        AddToSet("c:{s}:empty", (), 60),  # nothing to add: no set
+        Put("c:{s}:gone", b"ignored", 0),  # a ttl of zero deletes, as set() does
+        Put("c:{s}:twice", b"first", 60),
+        Put("c:{s}:twice", b"second", 60),
+        Remove(("c:{s}:lock", "c:{s}:missing")),
+    )
+    assert await store.get_many("c:{s}:entry", "c:{s}:short", "c:{s}:gone", "c:{s}:twice", "c:{s}:lock") == [
+        b"body",
+        b"soon gone",
+        None,
+        b"second",
+        None,
+    ]
+    assert await store.smembers("c:{s}:index") == {"a /x", "b /y"}
+    assert await store.smembers("c:{s}:empty") == frozenset()
+    await advance(0.15)
+    assert await store.get("c:{s}:short") is None
+    await store.write()  # no change: nothing sent
 
 
 async def test_get_many(store: Store) -> None:
