@@ -108,25 +108,38 @@ class RouteTable:
         self._services = {name: service.routes for name, service in services.items()}
         self._chains = chains  # route name -> built chain
         self._recent: Recent[tuple[str, str], Match | None] = Recent()  # (method, raw target) -> its match
+        self._recent_paths: Recent[tuple[str, str], Match | None] = Recent()  # (method, path) -> a match without query
 
     def match(self, method: str, raw_target: str) -> Match | None:
         """The route for a raw request target (path and query), or None when no service claims it.
 
         Raises :class:`Problem` 400 when the path is unsafe or leaves ``/api/<service>/``.
         The answers for recent targets are remembered (a pure function of the target, and a
-        table is replaced, not changed, on reload); rejected targets are not.
+        table is replaced, not changed, on reload), and for recent paths whatever their query
+        (an API sees many queries on one path); rejected targets are not.
         """
         key = (method, raw_target)
         try:
             return self._recent[key]
         except KeyError:
             pass
-        found = self._match(method, raw_target)
+        path, question, query = raw_target.partition("?")
+        if not question:
+            found = self._match(method, path)
+        else:
+            path_key = (method, path)
+            try:
+                found = self._recent_paths[path_key]
+            except KeyError:
+                found = self._match(method, path)
+                self._recent_paths.keep(path_key, found, len(path))
+            if found is not None:
+                found = Match(found.route, found.handler, Target(found.target.rest, query), found.lone_cache)
         self._recent.keep(key, found, len(raw_target))
         return found
 
-    def _match(self, method: str, raw_target: str) -> Match | None:
-        path, question, query = raw_target.partition("?")
+    def _match(self, method: str, path: str) -> Match | None:
+        """The match for ``path`` (no query)."""
         try:
             segments, trailing = normalise_path(path)
         except PathRejected as exc:
@@ -141,7 +154,7 @@ class RouteTable:
         rest = "/" + "/".join(segments[2:]) if len(segments) > 2 else ""
         if trailing:
             rest += "/"
-        target = Target(rest, query if question else None)
+        target = Target(rest, None)
         for route in routes:
             if route.matches(rest or "/", method):
                 chain = self._chains[route.name]

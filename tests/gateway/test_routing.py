@@ -150,6 +150,24 @@ def test_the_same_target_with_another_method_gets_its_own_route() -> None:
     assert (post.route.name, get.route.name, again.route.name) == ("users/routes/1", "users", "users/routes/1")
 
 
+def test_one_path_with_many_queries_keeps_each_query_and_method() -> None:
+    table = _table()
+    for i in range(3):  # the second and third are answered from the path's remembered match
+        for method, route in (("POST", "users/routes/1"), ("GET", "users")):
+            match = table.match(method, f"/api/users/admin/x?page={i}")
+            assert match is not None
+            assert (match.route.name, match.target.rest, match.target.query) == (route, "/admin/x", f"page={i}")
+    without = table.match("GET", "/api/users/admin/x")
+    assert without is not None and without.target.query is None
+
+
+def test_a_rejected_path_is_rejected_whatever_its_query() -> None:
+    table = _table()
+    for i in range(2):
+        with pytest.raises(Problem):
+            table.match("GET", f"/api/users/../orders/x?q={i}")
+
+
 def test_more_targets_than_are_remembered_all_match_right() -> None:
     table = _table()
     for round_ in range(2):
