@@ -395,13 +395,25 @@ class GatewayProtocol(RequestHandler):
         return 400, f"malformed request: {reason}"
 
 
-class _GatewayServer(web.Server):
-    """aiohttp's connection factory, making :class:`GatewayProtocol` connections."""
+class GatewayRequest(web.Request):
+    """aiohttp's request, with a ``get`` that does not raise and catch a ``KeyError`` when the key
+    is absent, as ``Mapping.get`` does (about 1 µs each, and the chain asks for several absent
+    keys per request: claims on an anonymous route, the cache's body tap, pending headers)."""
 
-    def __init__(self, base: web.Server, limits: Callable[[], Limits], lane: HitLane | None) -> None:
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+
+class _GatewayServer(web.Server):
+    """aiohttp's connection factory, making :class:`GatewayProtocol` connections, whose requests
+    are :class:`GatewayRequest` objects."""
+
+    def __init__(
+        self, base: web.Server, app: web.Application, limits: Callable[[], Limits], lane: HitLane | None
+    ) -> None:
         super().__init__(
             base.request_handler,
-            request_factory=base.request_factory,
+            request_factory=functools.partial(app._make_request, _cls=GatewayRequest),
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
             **base._kwargs,
@@ -419,7 +431,8 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         app = self.app
-        return _GatewayServer(await super()._make_server(), functools.partial(current_limits, app), app.get(HIT_LANE))
+        limits = functools.partial(current_limits, app)
+        return _GatewayServer(await super()._make_server(), app, limits, app.get(HIT_LANE))
 
 
 def current_limits(app: web.Application) -> Limits:
