@@ -237,6 +237,10 @@ class CacheMiddleware:
         self._reads_now = store if isinstance(store, ReadsNow) else None  # the memory store: fresh_hit
         self._lookup_keys: Recent[str, tuple[str, str, str]] = Recent()  # URL -> the keys its lookup reads
         self._digests: Recent[tuple[object, ...], str] = Recent()  # a lookup's inputs -> its entry digest
+        # what lookups read last, to guess the entry key they will read next (see _lookup)
+        self._service_generation: bytes | None = None
+        self._path_generations: Recent[str, bytes | None] = Recent()  # path -> its generation
+        self._varies: Recent[str, bytes | None] = Recent()  # URL -> the Vary names its responses had
         self._inflight: dict[str, asyncio.Future[_Filled | None]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -278,13 +282,23 @@ class CacheMiddleware:
     # -- lookups -------------------------------------------------------------------------
 
     async def _lookup(self, request: web.Request, subject: str | None) -> _Lookup:
+        """Read the generations, the URL's Vary names and the entry they lead to. The entry's key
+        depends on the other three, so it is guessed from what they were last time (almost
+        always still so) and read with them, in one round trip; a wrong guess costs a second."""
         path, query = self._target(request)
         url = path if query is None else f"{path}?{query}"
-        service_gen, path_gen, vary = await self._store.get_many(*self._lookup_keys_of(path, url))
-        varying = vary.decode().split(",") if vary else []
-        lookup = _Lookup(path, url, subject, [service_gen, path_gen], varying, "", None)
-        lookup.digest = self._digest(request, lookup, varying)
-        data = await self._store.get(self._keys.entry(lookup.digest))
+        lookup_keys = self._lookup_keys_of(path, url)
+        guess = [self._service_generation, self._path_generations.get(path), self._varies.get(url)]
+        guessed = self._digest(request, url, subject, guess)
+        *read, data = await self._store.get_many(*lookup_keys, self._keys.entry(guessed))
+        service_gen, path_gen, vary = read
+        self._service_generation = service_gen
+        self._path_generations.keep(path, path_gen, len(path))
+        self._varies.keep(url, vary, len(url))
+        digest = guessed if read == guess else self._digest(request, url, subject, read)
+        lookup = _Lookup(path, url, subject, [service_gen, path_gen], _names(vary), digest, None)
+        if digest != guessed:
+            data = await self._store.get(self._keys.entry(digest))
         lookup.entry = self._entries.decode(data) if data is not None else None
         return lookup
 
@@ -297,7 +311,13 @@ class CacheMiddleware:
             self._lookup_keys.keep(url, lookup_keys, len(url))
         return lookup_keys
 
-    def _digest(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
+    def _digest(self, request: web.Request, url: str, subject: str | None, read: list[bytes | None]) -> str:
+        """The entry digest for ``request`` given what a lookup read: both generations and the Vary names."""
+        service_gen, path_gen, vary = read
+        return self._digest_of(request.scheme, request.headers, [service_gen, path_gen], url, subject, _names(vary))
+
+    def _digest_for(self, request: web.Request, lookup: _Lookup, varying: list[str]) -> str:
+        """The digest of ``lookup``'s URL for ``request`` when its responses vary on ``varying``."""
         return self._digest_of(request.scheme, request.headers, lookup.generations, lookup.url, lookup.subject, varying)
 
     def _digest_of(
@@ -439,7 +459,7 @@ class CacheMiddleware:
 
     def _filled(self, request: web.Request, lookup: _Lookup, entry: Entry) -> _Filled:
         """The entry a fill produced, with the key it has for the request that filled it."""
-        return entry, self._digest(request, lookup, _varying(entry))
+        return entry, self._digest_for(request, lookup, _varying(entry))
 
     def _usable(self, request: web.Request, lookup: _Lookup, filled: _Filled | None) -> Entry | None:
         """The entry another request filled, if this request has the same key for it (the same
@@ -447,7 +467,7 @@ class CacheMiddleware:
         if filled is None:
             return None
         entry, digest = filled
-        if digest != self._digest(request, lookup, _varying(entry)) or entry.age_at(self._clock()) >= entry.fresh:
+        if digest != self._digest_for(request, lookup, _varying(entry)) or entry.age_at(self._clock()) >= entry.fresh:
             return None
         return entry
 
@@ -531,7 +551,7 @@ class CacheMiddleware:
         if ttl <= 0:
             return entry
         varying = vary_of(headers.getall(hdrs.VARY, ())) or []
-        digest = lookup.digest if varying == lookup.varying else self._digest(request, lookup, varying)
+        digest = lookup.digest if varying == lookup.varying else self._digest_for(request, lookup, varying)
         keys, index_ttl = self._keys, max(ttl, _INDEX_TTL)
         changes: list[Change] = []
         if varying != lookup.varying:
@@ -605,6 +625,11 @@ class CacheMiddleware:
             await call
         except StoreUnavailable:
             pass
+
+
+def _names(vary: bytes | None) -> list[str]:
+    """The header names in a stored Vary record."""
+    return vary.decode().split(",") if vary else []
 
 
 def _varying(entry: Entry) -> list[str]:

@@ -183,14 +183,13 @@ def test_cache_key_ignores_unkeyed_headers_and_keeps_keyed_ones(
     from aiohttp.test_utils import make_mocked_request
 
     from gateway.stores import MemoryStore
-    from middleware.cache import CacheConfig, CacheMiddleware, _Lookup
+    from middleware.cache import CacheConfig, CacheMiddleware
 
     cache = CacheMiddleware(CacheConfig(), store=MemoryStore(), scope="svc", target=lambda r: ("/", None))
 
     def digest(headers: dict[str, str], sub: str | None) -> str:
         request = make_mocked_request("GET", "/api/svc/x", headers=headers)
-        lookup = _Lookup("/x", url, sub, [b"1", None], [], "", None)
-        return cache._digest(request, lookup, [])
+        return cache._digest(request, url, sub, [b"1", None, None])  # generations and Vary names as read
 
     base = digest({"Host": host_a}, subject)
     assert digest({"Host": host_a, "X-Unkeyed": unkeyed, "Accept": unkeyed}, subject) == base  # no poisoning

@@ -205,6 +205,24 @@ class _Watched:
         self.calls.append(("delete", keys))
         return await self.store.delete(*keys)
 
+    async def get_many(self, *keys: str) -> list[bytes | None]:
+        self.calls.append(("get_many", keys))
+        return await self.store.get_many(*keys)
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls.append(("get", key))
+        return await self.store.get(key)
+
+    def locking(self) -> list[tuple[str, object]]:
+        """The lock, write and delete calls made so far, in order."""
+        return [call for call in self.calls if not call[0].startswith("get")]
+
+    def reads(self) -> list[str]:
+        """The read calls made so far, by name; forgets them."""
+        names = [name for name, _ in self.calls if name.startswith("get")]
+        self.calls.clear()
+        return names
+
 
 async def test_a_fill_that_ends_just_before_the_lock_is_taken_is_served(
     make_client: MakeClient, store: Store, clock: FakeClock
@@ -224,7 +242,7 @@ async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
     watched = _Watched(store)
     client = await make_client(cache(watched, clock), handler=Upstream().handle)  # type: ignore[arg-type]
     assert (await get(client, "/a"))[0] == "MISS"
-    (_, lock), (what, changes) = watched.calls
+    (_, lock), (what, changes) = watched.locking()
     assert what == "write"
     assert isinstance(changes, tuple) and [type(change) for change in changes] == [Put, AddToSet, Remove]
     assert changes[-1] == Remove((str(lock),))  # after the entry and its index record
@@ -238,9 +256,39 @@ async def test_a_fill_that_stores_nothing_releases_its_lock(
     watched = _Watched(store)
     client = await make_client(cache(watched, clock), handler=Upstream([("Cache-Control", "no-store")]).handle)  # type: ignore[arg-type]
     assert (await get(client, "/a"))[0] == "MISS"
-    (_, lock), released = watched.calls
+    (_, lock), released = watched.locking()
     assert released == ("delete", (lock,))
     assert await store.get(str(lock)) is None
+
+
+async def test_a_lookup_reads_the_entry_with_its_generations_in_one_round_trip(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    watched = _Watched(store)
+    client = await make_client(cache(watched, clock), handler=Upstream().handle)  # type: ignore[arg-type]
+    assert (await get(client, "/a?page=1"))[0] == "MISS"
+    watched.calls.clear()
+    assert (await get(client, "/a?page=1"))[0] == "HIT"
+    assert (await get(client, "/a?page=2"))[0] == "MISS"  # a new query on a known path
+    assert watched.reads() == ["get_many", "get_many"]  # no second read for the entry key
+
+
+async def test_an_entry_invalidated_on_another_instance_is_not_served_from_a_guessed_key(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream = Upstream()
+    watched = _Watched(store)
+    one = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
+    other = await make_client(cache(store, clock), handler=upstream.handle)
+    assert await get(one, "/a") == ("MISS", "/a#1")
+    async with other.post("/a", headers=HOST) as response:  # bumps /a's generation; the old entry stays stored
+        assert response.status == 200
+    assert await get(other, "/a") == ("MISS", "/a#3")
+    watched.calls.clear()
+    assert await get(one, "/a") == ("HIT", "/a#3")  # not /a#1, which the key guessed from before leads to
+    assert watched.reads() == ["get_many", "get"]  # the guess was wrong: one more read
+    assert await get(one, "/a") == ("HIT", "/a#3")
+    assert watched.reads() == ["get_many"]  # and right again once seen
 
 
 async def test_an_uncacheable_answer_is_not_shared_with_waiters(
