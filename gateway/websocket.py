@@ -290,7 +290,6 @@ class _Session:
     """Two pumps, the timers, and the closing handshake of one relayed connection."""
 
     __slots__ = (
-        "_bucket",
         "_client",
         "_config",
         "_empty_pings",
@@ -298,6 +297,8 @@ class _Session:
         "_last",
         "_loop",
         "_stopped",
+        "_tokens",
+        "_tokens_at",
         "_transport",
         "_upstream",
         "finished",
@@ -318,7 +319,8 @@ class _Session:
         self._stopped: asyncio.Future[tuple[int, str]] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self._last = loop.time()  # of the last text/binary message, either way
-        self._bucket = (float(config.messages_per_second), self._last)  # (tokens, when)
+        self._tokens = float(config.messages_per_second)  # the client's message budget, as counted
+        self._tokens_at = self._last  # when
         self._idle: asyncio.TimerHandle | None = None
         self._empty_pings = [0, 0]  # relayed, not yet answered: from the client, from the upstream
 
@@ -394,12 +396,12 @@ class _Session:
                 message = await source.receive()
                 kind = message.type
                 if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                    self._last = self._loop.time()
-                    if limited and not self._admit():
+                    self._last = now = self._loop.time()
+                    if limited and not self._admit(now):
                         return _End(_How.POLICY, from_client, WSCloseCode.POLICY_VIOLATION, "message rate exceeded")
                     await sink.send_frame(message.data, kind)
                 elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
-                    if limited and not self._admit():
+                    if limited and not self._admit(self._loop.time()):
                         return _End(_How.POLICY, from_client, WSCloseCode.POLICY_VIOLATION, "message rate exceeded")
                     if not message.data and not self._empty_ping(kind, from_client):
                         continue  # the answer to the gateway's own heartbeat ping
@@ -434,15 +436,15 @@ class _Session:
             return _End(_How.LOST, True, WSCloseCode.GOING_AWAY, "client went away")
         return _End(_How.LOST, False, WSCloseCode.BAD_GATEWAY, "upstream connection lost")
 
-    def _admit(self) -> bool:
+    def _admit(self, now: float) -> bool:
         """One message from the client against the token bucket; False when it is over the rate."""
         rate = self._config.messages_per_second
-        tokens, when = self._bucket
-        now = self._loop.time()
-        tokens = min(float(rate), tokens + (now - when) * rate)
+        tokens = self._tokens + (now - self._tokens_at) * rate
+        if tokens > rate:
+            tokens = rate
         if tokens < 1.0:
             return False
-        self._bucket = (tokens - 1.0, now)
+        self._tokens, self._tokens_at = tokens - 1.0, now
         return True
 
     def _check_idle(self) -> None:

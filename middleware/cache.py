@@ -292,10 +292,13 @@ class CacheMiddleware:
         guessed = self._digest(request, url, subject, guess)
         *read, data = await self._store.get_many(*lookup_keys, self._keys.entry(guessed))
         service_gen, path_gen, vary = read
-        self._service_generation = service_gen
-        self._path_generations.keep(path, path_gen, len(path))
-        self._varies.keep(url, vary, len(url))
-        digest = guessed if read == guess else self._digest(request, url, subject, read)
+        if read == guess:
+            digest = guessed
+        else:  # remember what was read for the next guess, and use it now
+            self._service_generation = service_gen
+            self._path_generations.keep(path, path_gen, len(path))
+            self._varies.keep(url, vary, len(url))
+            digest = self._digest(request, url, subject, read)
         lookup = _Lookup(path, url, subject, [service_gen, path_gen], _names(vary), digest, None)
         if digest != guessed:
             data = await self._store.get(self._keys.entry(digest))
