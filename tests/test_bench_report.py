@@ -73,6 +73,16 @@ def test_issue8_checks_compute_each_ratio_and_verdict() -> None:
     }
 
 
+def test_throughput_checks_give_the_ratio_of_each_round_next_to_the_medians() -> None:
+    samples = {
+        "minimal-proxy": [sample(2000, 500), sample(2500, 400), sample(1600, 600)],
+        "gateway": [sample(2600, 380), sample(2800, 350), sample(2400, 410)],  # medians 2600 / 2000
+    }
+    plain = issue8_checks(samples, None)[0]
+    assert (plain.value, plain.rounds) == ("1.30x", "1.30x / 1.12x / 1.50x")
+    assert "| 1.30x / 1.12x / 1.50x | met |" in plain.row()
+
+
 def test_issue8_checks_say_what_was_not_measured() -> None:
     checks = issue8_checks({"gateway": [sample(1000, 800)]}, None)
     assert all(check.passed is None for check in checks)
