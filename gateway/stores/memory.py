@@ -71,12 +71,18 @@ class MemoryStore:
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
         """Store ``value`` for ``ttl`` seconds; a ``ttl`` of zero or less deletes the key."""
+        self._set(key, value, ttl)
+
+    async def delete(self, *keys: str) -> int:
+        return self._delete(keys)
+
+    def _set(self, key: str, value: bytes, ttl: float) -> None:
         if ttl <= 0:
             self._remove(key)
         else:
             self._store(key, bytes(value), self._clock() + ttl)
 
-    async def delete(self, *keys: str) -> int:
+    def _delete(self, keys: tuple[str, ...]) -> int:
         now = self._clock()
         found = 0
         for key in keys:
@@ -100,17 +106,13 @@ class MemoryStore:
         return added, None if entry is None else entry.value
 
     async def write(self, *changes: Change) -> None:
-        for change in changes:
+        for change in changes:  # the same steps as set, sadd and delete, without a coroutine each
             if isinstance(change, Put):
-                if change.ttl <= 0:
-                    self._remove(change.key)
-                else:
-                    self._store(change.key, bytes(change.value), self._clock() + change.ttl)
+                self._set(change.key, change.value, change.ttl)
             elif isinstance(change, AddToSet):
-                await self.sadd(change.key, *change.members, ttl=change.ttl)
+                self._sadd(change.key, change.members, change.ttl)
             else:
-                for key in change.keys:
-                    self._remove(key)
+                self._delete(change.keys)
 
     def get_many_now(self, *keys: str) -> list[bytes | None]:
         """``get_many`` without a coroutine (:class:`~middleware.base.ReadsNow`): the cache's hit lane."""
@@ -123,6 +125,9 @@ class MemoryStore:
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:
         """Each member counts its length plus :data:`SET_MEMBER_OVERHEAD` bytes against the bound."""
+        self._sadd(key, members, ttl)
+
+    def _sadd(self, key: str, members: tuple[str, ...], ttl: float) -> None:
         now = self._clock()
         entry = self._lookup(key, now)
         if entry is None or entry.members is None:

@@ -130,7 +130,7 @@ class RedisStore:
             await self.delete(key)
             return
         name, px = self.key(key), _ms(ttl)
-        await self._call("set", lambda redis: redis.set(name, value, px=px), ("SET", name, value, "PX", px))
+        await self._call("set", lambda redis: redis.set(name, value, px=px), self._set_command(key, value, ttl))
 
     async def delete(self, *keys: str) -> int:
         if not keys:
@@ -147,7 +147,7 @@ class RedisStore:
             return False
         name, px = self.key(key), _ms(ttl)
         stored = await self._call(
-            "add", lambda redis: redis.set(name, value, px=px, nx=True), ("SET", name, value, "PX", px, "NX")
+            "add", lambda redis: redis.set(name, value, px=px, nx=True), (*self._set_command(key, value, ttl), "NX")
         )
         return bool(stored)
 
@@ -165,9 +165,7 @@ class RedisStore:
         """``SET NX PX`` then ``GET``, in one batch (on a Cluster: one call, then the other)."""
         if self._detach or ttl <= 0:
             return await self.add(key, value, ttl=ttl), await self.get(then)
-        stored, found = await self._batched(
-            ("SET", self.key(key), value, "PX", _ms(ttl), "NX"), ("GET", self.key(then))
-        )
+        stored, found = await self._batched((*self._set_command(key, value, ttl), "NX"), ("GET", self.key(then)))
         return bool(stored), cast("bytes | None", found)
 
     async def write(self, *changes: Change) -> None:
@@ -182,18 +180,26 @@ class RedisStore:
                     await self.delete(*change.keys)
             return
         commands: list[Command] = []
-        for change in changes:
+        for change in changes:  # the commands set, sadd and delete send
             if isinstance(change, Put):
-                name = self.key(change.key)
-                commands.append(("SET", name, change.value, "PX", _ms(change.ttl)) if change.ttl > 0 else ("DEL", name))
+                ttl = change.ttl
+                commands.append(
+                    self._set_command(change.key, change.value, ttl) if ttl > 0 else ("DEL", self.key(change.key))
+                )
             elif isinstance(change, AddToSet):
                 if change.members:
-                    name = self.key(change.key)
-                    commands += [("SADD", name, *change.members), ("PEXPIRE", name, _ms(change.ttl))]
+                    commands += self._sadd_commands(change.key, change.members, change.ttl)
             elif change.keys:
                 commands.append(("DEL", *(self.key(key) for key in change.keys)))
         if commands:
             await self._batched(*commands)
+
+    def _set_command(self, key: str, value: bytes, ttl: float) -> Command:
+        return ("SET", self.key(key), value, "PX", _ms(ttl))
+
+    def _sadd_commands(self, key: str, members: tuple[str, ...], ttl: float) -> tuple[Command, Command]:
+        name = self.key(key)
+        return ("SADD", name, *members), ("PEXPIRE", name, _ms(ttl))
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:
         """``SADD`` then ``PEXPIRE``, in one pipelined round trip."""
@@ -210,7 +216,7 @@ class RedisStore:
 
             await self._edge("sadd", command)
         else:
-            await self._batched(("SADD", name, *members), ("PEXPIRE", name, px))
+            await self._batched(*self._sadd_commands(key, members, ttl))
 
     async def smembers(self, key: str) -> frozenset[str]:
         name = self.key(key)

@@ -224,6 +224,15 @@ class _Watched:
         return names
 
 
+async def _watched_client(
+    make_client: MakeClient, store: Store, clock: FakeClock, upstream: Upstream
+) -> tuple[_Watched, Client]:
+    """A cached client whose store calls are recorded (``_Watched``)."""
+    watched = _Watched(store)
+    client = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
+    return watched, client
+
+
 async def test_a_fill_that_ends_just_before_the_lock_is_taken_is_served(
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
@@ -239,8 +248,7 @@ async def test_a_fill_that_ends_just_before_the_lock_is_taken_is_served(
 async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
-    watched = _Watched(store)
-    client = await make_client(cache(watched, clock), handler=Upstream().handle)  # type: ignore[arg-type]
+    watched, client = await _watched_client(make_client, store, clock, Upstream())
     assert (await get(client, "/a"))[0] == "MISS"
     (_, lock), (what, changes) = watched.locking()
     assert what == "write"
@@ -253,8 +261,7 @@ async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
 async def test_a_fill_that_stores_nothing_releases_its_lock(
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
-    watched = _Watched(store)
-    client = await make_client(cache(watched, clock), handler=Upstream([("Cache-Control", "no-store")]).handle)  # type: ignore[arg-type]
+    watched, client = await _watched_client(make_client, store, clock, Upstream([("Cache-Control", "no-store")]))
     assert (await get(client, "/a"))[0] == "MISS"
     (_, lock), released = watched.locking()
     assert released == ("delete", (lock,))
@@ -264,8 +271,7 @@ async def test_a_fill_that_stores_nothing_releases_its_lock(
 async def test_a_lookup_reads_the_entry_with_its_generations_in_one_round_trip(
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
-    watched = _Watched(store)
-    client = await make_client(cache(watched, clock), handler=Upstream().handle)  # type: ignore[arg-type]
+    watched, client = await _watched_client(make_client, store, clock, Upstream())
     assert (await get(client, "/a?page=1"))[0] == "MISS"
     watched.calls.clear()
     assert (await get(client, "/a?page=1"))[0] == "HIT"
@@ -277,8 +283,7 @@ async def test_an_entry_invalidated_on_another_instance_is_not_served_from_a_gue
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
     upstream = Upstream()
-    watched = _Watched(store)
-    one = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
+    watched, one = await _watched_client(make_client, store, clock, upstream)
     other = await make_client(cache(store, clock), handler=upstream.handle)
     assert await get(one, "/a") == ("MISS", "/a#1")
     async with other.post("/a", headers=HOST) as response:  # bumps /a's generation; the old entry stays stored
