@@ -127,6 +127,12 @@ class Store(Protocol):
         a look at what it guards (on a Cluster, give both keys one hash tag)."""
         ...
 
+    async def get_many_or_add(self, *keys: str, add: str, value: bytes, ttl: float) -> tuple[list[bytes | None], bool]:
+        """``get_many(*keys)`` and, when the last of them is absent, ``add(add, value, ttl=ttl)``,
+        in one atomic step and one round trip: what a lookup read, and whether it took the lock
+        that guards filling the missing key (on a Cluster, give every key one hash tag)."""
+        ...
+
     async def write(self, *changes: Change) -> None:
         """Apply ``changes`` in order, in one round trip (one after another on a Cluster). When
         this raises StoreUnavailable, some of them may have been applied."""

@@ -26,8 +26,10 @@ The rules:
 - A successful (2xx/3xx) POST, PUT, PATCH or DELETE bumps its path's generation: every cached
   variant of that path (all queries, subjects and Vary values) is gone for every instance.
 - Concurrent misses on one key make one upstream request: in-process the others wait for the
-  first; across instances sharing a Redis, the first takes a short lock (``Store.add_and_get``) and the
-  others poll for its entry, bounded by ``lock_wait``, then go upstream themselves.
+  first; across instances sharing a Redis, the first takes a short lock and the others poll for
+  its entry, bounded by ``lock_wait``, then go upstream themselves. A GET's lookup takes the lock
+  in the same atomic step that finds the entry absent (``Store.get_many_or_add``), so a miss
+  costs no round trip of its own for it.
 - ``stale_while_revalidate``: a stale entry is served (STALE) while one background request
   refreshes it. ``stale_if_error``: a stale entry is served instead of a 5xx, a refused
   connection or a timeout.
@@ -158,10 +160,17 @@ class _Capture:
     size: int = 0
     storable: bool = False
     complete: bool = False
+    # set by start(), which reads the headers once for _not_storable and for the entry
+    fields: CIMultiDict[str] = field(init=False)
+    directives: dict[str, str] = field(init=False)  # Cache-Control
+    varying: list[str] | None = field(init=False)  # Vary (None: Vary: *)
 
     def start(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bool:
         self.status, self.reason, self.headers = status, reason, list(headers)
-        why = _not_storable(self.config, status, CIMultiDict(headers))
+        self.fields = fields = CIMultiDict(headers)
+        self.directives = cache_control(fields.getall(hdrs.CACHE_CONTROL, ()))
+        self.varying = vary_of(fields.getall(hdrs.VARY, ()))
+        why = _not_storable(self)
         self.storable = why is None
         if self.request is not None:
             status_field = self.request.get(_FWD, "fwd=miss")
@@ -186,17 +195,19 @@ class _Capture:
 _FWD = web.RequestKey("cache_fwd", str)  # the Cache-Status fwd= of a request that goes upstream
 
 
-def _not_storable(config: CacheConfig, status: int, headers: CIMultiDict[str]) -> str | None:
-    """Why a response may not be stored (a Cache-Status detail), or None when it may."""
-    if status not in config.statuses:
+def _not_storable(response: _Capture) -> str | None:
+    """Why a captured response may not be stored (a Cache-Status detail), or None when it may."""
+    config = response.config
+    if response.status not in config.statuses:
         return "status"
-    directives = cache_control(headers.getall(hdrs.CACHE_CONTROL, ()))
+    directives = response.directives
     for name in _NEVER_STORED:
         if name in directives:
             return name
+    headers = response.fields
     if hdrs.SET_COOKIE in headers:
         return "set-cookie"
-    if vary_of(headers.getall(hdrs.VARY, ())) is None:
+    if response.varying is None:
         return "vary-star"
     length = headers.get(hdrs.CONTENT_LENGTH, "")
     if length.isdigit() and int(length) > config.max_entry:
@@ -257,12 +268,14 @@ class CacheMiddleware:
         if "no-store" in directives:
             return await self._bypass(request, handler, "no-store")
         subject = None if self._config.shared or claims is None else _subject(claims)
+        revalidate = "no-cache" in directives or directives.get("max-age") == "0"
         try:
-            lookup = await self._lookup(request, subject)
+            # a GET that finds no entry will fill it: its lookup takes the fill lock too (see _miss)
+            lookup = await self._lookup(request, subject, lock=not revalidate and request.method == hdrs.METH_GET)
         except StoreUnavailable as exc:
             logger.debug("cache store unavailable: %s", exc)
             return await self._bypass(request, handler, "store-unavailable")
-        if "no-cache" in directives or directives.get("max-age") == "0":
+        if revalidate:
             request[_FWD] = "fwd=request"
             return await self._fetch(request, handler, lookup)
         entry = lookup.entry
@@ -281,16 +294,23 @@ class CacheMiddleware:
 
     # -- lookups -------------------------------------------------------------------------
 
-    async def _lookup(self, request: web.Request, subject: str | None) -> _Lookup:
+    async def _lookup(self, request: web.Request, subject: str | None, *, lock: bool = False) -> _Lookup:
         """Read the generations, the URL's Vary names and the entry they lead to. The entry's key
         depends on the other three, so it is guessed from what they were last time (almost
-        always still so) and read with them, in one round trip; a wrong guess costs a second."""
+        always still so) and read with them, in one round trip; a wrong guess costs a second.
+        With ``lock``, an absent entry's fill lock is taken in that same step (``lookup.lock``)."""
         path, query = self._target(request)
         url = path if query is None else f"{path}?{query}"
         lookup_keys = self._lookup_keys_of(path, url)
         guess = [self._service_generation, self._path_generations.get(path), self._varies.get(url)]
         guessed = self._digest(request, url, subject, guess)
-        *read, data = await self._store.get_many(*lookup_keys, self._keys.entry(guessed))
+        keys = self._keys
+        if lock:
+            (*read, data), locked = await self._store.get_many_or_add(
+                *lookup_keys, keys.entry(guessed), add=keys.lock(guessed), value=b"1", ttl=self._lock_wait
+            )
+        else:
+            (*read, data), locked = await self._store.get_many(*lookup_keys, keys.entry(guessed)), False
         service_gen, path_gen, vary = read
         if read == guess:
             digest = guessed
@@ -301,7 +321,11 @@ class CacheMiddleware:
             digest = self._digest(request, url, subject, read)
         lookup = _Lookup(path, url, subject, [service_gen, path_gen], _names(vary), digest, None)
         if digest != guessed:
-            data = await self._store.get(self._keys.entry(digest))
+            if locked:  # the lock of the key the guess led to: not this request's to hold
+                await self._quietly(self._store.delete(keys.lock(guessed)))
+            data = await self._store.get(keys.entry(digest))
+        elif locked:
+            lookup.lock = keys.lock(digest)  # released by _keep with the entry, or by _miss
         lookup.entry = self._entries.decode(data) if data is not None else None
         return lookup
 
@@ -419,6 +443,9 @@ class CacheMiddleware:
         """One upstream request per key: later misses wait for the first one's entry."""
         pending = self._inflight.get(lookup.digest)
         if pending is not None:
+            if lookup.lock is not None:  # taken by the lookup while this process's own fill went without
+                lock, lookup.lock = lookup.lock, None
+                await self._quietly(self._store.delete(lock))
             entry = self._usable(request, lookup, await self._wait(pending))
             if entry is not None:
                 return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
@@ -429,17 +456,21 @@ class CacheMiddleware:
         self._inflight[lookup.digest] = future
         lock = self._keys.lock(lookup.digest)
         try:
-            # Take the lock and look once more, in one round trip: a fill that ended while this
-            # miss was looking up released the lock after storing. Without the lock, another
+            # The lookup took the lock when it found no entry. Else (a stale entry, a second read
+            # after a wrong guess) take it now and look once more, in one round trip: a fill that
+            # ended meanwhile released the lock after storing. Without the lock, another
             # instance is filling the entry: wait for it.
-            try:
-                locked, data = await self._store.add_and_get(
-                    lock, b"1", ttl=self._lock_wait, then=self._keys.entry(lookup.digest)
-                )
-            except StoreUnavailable:
-                locked, data = True, None  # nobody else can see the store either
-            if locked:
-                lookup.lock = lock  # released by _keep with the entry, or below
+            if lookup.lock is not None:
+                locked, data = True, None
+            else:
+                try:
+                    locked, data = await self._store.add_and_get(
+                        lock, b"1", ttl=self._lock_wait, then=self._keys.entry(lookup.digest)
+                    )
+                except StoreUnavailable:
+                    locked, data = True, None  # nobody else can see the store either
+                if locked:
+                    lookup.lock = lock  # released by _keep with the entry, or below
             entry = self._fresh(data) if locked else await self._poll(request, lookup)
             if entry is not None:
                 future.set_result(self._filled(request, lookup, entry))
@@ -536,8 +567,7 @@ class CacheMiddleware:
         """Store what the tap captured, if it was whole and may be stored; the entry, or None."""
         if not (tap.storable and tap.complete):
             return None
-        headers = CIMultiDict(tap.headers)
-        directives = cache_control(headers.getall(hdrs.CACHE_CONTROL, ()))
+        headers, directives = tap.fields, tap.directives
         age = headers.get(hdrs.AGE, "")
         entry = Entry(
             status=tap.status,
@@ -553,7 +583,7 @@ class CacheMiddleware:
         ttl = entry.fresh + entry.stale - entry.age
         if ttl <= 0:
             return entry
-        varying = vary_of(headers.getall(hdrs.VARY, ())) or []
+        varying = tap.varying or []
         digest = lookup.digest if varying == lookup.varying else self._digest_for(request, lookup, varying)
         keys, index_ttl = self._keys, max(ttl, _INDEX_TTL)
         changes: list[Change] = []

@@ -91,6 +91,9 @@ class MemoryStore:
         return found
 
     async def add(self, key: str, value: bytes, *, ttl: float) -> bool:
+        return self._add(key, value, ttl)
+
+    def _add(self, key: str, value: bytes, ttl: float) -> bool:
         now = self._clock()
         if ttl <= 0 or self._lookup(key, now) is not None:
             return False
@@ -101,9 +104,13 @@ class MemoryStore:
         return self.get_many_now(*keys)
 
     async def add_and_get(self, key: str, value: bytes, *, ttl: float, then: str) -> tuple[bool, bytes | None]:
-        added = await self.add(key, value, ttl=ttl)
+        added = self._add(key, value, ttl)
         entry = self._lookup(then, self._clock())
         return added, None if entry is None else entry.value
+
+    async def get_many_or_add(self, *keys: str, add: str, value: bytes, ttl: float) -> tuple[list[bytes | None], bool]:
+        values = self.get_many_now(*keys)
+        return values, values[-1] is None and self._add(add, value, ttl)
 
     async def write(self, *changes: Change) -> None:
         for change in changes:  # the same steps as set, sadd and delete, without a coroutine each

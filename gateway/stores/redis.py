@@ -6,8 +6,9 @@ Every call goes through :meth:`RedisStore._edge`, the one place that bounds it b
 :class:`~middleware.base.StoreUnavailable`. A broken connection is dropped and a new one made
 on the next call, so the store recovers when Redis comes back.
 
-``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA` (loaded again automatically
-after a Redis restart), with the time taken from the Redis server so that instances agree.
+``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA`, with the time taken from the
+Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY_OR_ADD`. Both
+scripts are loaded again automatically after a Redis restart.
 On one Redis, the commands that requests start in the same turn of the event loop (takes,
 cache lookups, stores, locks) go out together in one pipeline: one round trip and one
 connection for all of them. redis-py's cost per call (a pooled connection taken and given
@@ -60,6 +61,18 @@ Batch = list[tuple[tuple[Command, ...], "asyncio.Future[list[Any]]"]]  # each re
 _ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 _STARTUP_TIMEOUT = 5.0  # seconds the client's one-time initialisation may take, whatever the call timeout
 
+# KEYS: the keys to read, then the key to add when the last of them is absent. ARGV[1]: the value
+# to add, ARGV[2]: its ttl in ms. Returns the values read, then 1 when the key was added, else 0.
+GET_MANY_OR_ADD = """
+local values = redis.call('MGET', unpack(KEYS, 1, #KEYS - 1))
+local added = 0
+if not values[#values] and redis.call('SET', KEYS[#KEYS], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  added = 1
+end
+values[#values + 1] = added
+return values
+"""
+
 
 class RedisStore:
     """A :class:`~middleware.base.Store` on Redis or Redis Cluster; see :func:`gateway.stores.open_store`.
@@ -76,6 +89,8 @@ class RedisStore:
         self._namespace = namespace
         self._timeout = timeout
         self._gcra = client.register_script(LUA)
+        self._get_many_or_add = client.register_script(GET_MANY_OR_ADD)
+        self._scripts = {script.sha: script.script for script in (self._gcra, self._get_many_or_add)}
         self._detach = isinstance(client, RedisCluster)
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
@@ -167,6 +182,20 @@ class RedisStore:
             return await self.add(key, value, ttl=ttl), await self.get(then)
         stored, found = await self._batched((*self._set_command(key, value, ttl), "NX"), ("GET", self.key(then)))
         return bool(stored), cast("bytes | None", found)
+
+    async def get_many_or_add(self, *keys: str, add: str, value: bytes, ttl: float) -> tuple[list[bytes | None], bool]:
+        """One ``EVALSHA`` of :data:`GET_MANY_OR_ADD` (on a Cluster too: the keys share a slot)."""
+        if ttl <= 0:  # nothing can be added: a plain read
+            return await self.get_many(*keys), False
+        names = [self.key(key) for key in (*keys, add)]
+        args: list[bytes | int] = [value, _ms(ttl)]
+        if self._detach:
+            script = self._get_many_or_add
+            replies = await self._edge("get_many_or_add", lambda client: script(keys=names, args=args, client=client))
+        else:
+            (replies,) = await self._batched(("EVALSHA", self._get_many_or_add.sha, len(names), *names, *args))
+        *values, added = replies
+        return cast("list[bytes | None]", values), added == 1
 
     async def write(self, *changes: Change) -> None:
         """Every change's commands in one batch (on a Cluster: one call after another)."""
@@ -278,18 +307,23 @@ class RedisStore:
             begin = end
 
     async def _after_script_flush(self, batch: Batch, commands: list[Command], replies: list[Any]) -> None:
-        """A restarted or flushed Redis: load the script, and run again only what failed (the
-        rest of the batch did run: an INCR or a take sent twice would count twice)."""
+        """A restarted or flushed Redis: load the scripts, and run again only what failed (the
+        rest of the batch did run: an INCR or a take sent twice would count twice). A script's
+        sha is that of its text, so the commands are sent again as they were."""
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         try:
-            self._gcra.sha = await self._edge("script load", lambda client: client.script_load(LUA))
-            again = await self._sent_now([_with_sha(commands[i], self._gcra.sha) for i in unknown])
+            await self._edge("script load", self._load_scripts)
+            again = await self._sent_now([commands[i] for i in unknown])
         except StoreUnavailable as exc:
             self._settle(batch, commands, exc)
             return
         for i, reply in zip(unknown, again, strict=True):
             replies[i] = reply
         self._settle(batch, commands, replies)
+
+    async def _load_scripts(self, client: Client) -> None:
+        for script in self._scripts.values():
+            await client.script_load(script)
 
     def _sent_now(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         """``commands`` on the pipe, on their own: a future of their replies (StoreUnavailable raised)."""
@@ -390,10 +424,6 @@ class RedisStore:
     def _started(self, task: asyncio.Task[None]) -> None:
         self._starting = None  # after a failure, the next call starts over
         self._ready = not task.cancelled() and task.exception() is None
-
-
-def _with_sha(command: Command, sha: str) -> Command:
-    return (command[0], sha, *command[2:]) if command[0] == "EVALSHA" else command
 
 
 def _ms(seconds: float) -> int:

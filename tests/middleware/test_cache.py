@@ -180,8 +180,8 @@ async def test_two_instances_on_one_store_fill_once(make_client: MakeClient, sto
 
 
 class _Watched:
-    """The test's store, with a record of the fill-lock calls made through it; ``before_lock``
-    runs just before each lock is taken."""
+    """The test's store, with a record of the calls made through it and of the fill locks they
+    took (``("lock", key)``); ``before_lock`` runs just before each ``add_and_get``."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -196,6 +196,13 @@ class _Watched:
             await self.before_lock()
         self.calls.append(("lock", key))
         return await self.store.add_and_get(key, value, ttl=ttl, then=then)
+
+    async def get_many_or_add(self, *keys: str, add: str, value: bytes, ttl: float) -> tuple[list[bytes | None], bool]:
+        self.calls.append(("get_many_or_add", keys))
+        values, added = await self.store.get_many_or_add(*keys, add=add, value=value, ttl=ttl)
+        if added:
+            self.calls.append(("lock", add))
+        return values, added
 
     async def write(self, *changes: Change) -> None:
         self.calls.append(("write", changes))
@@ -233,16 +240,37 @@ async def _watched_client(
     return watched, client
 
 
-async def test_a_fill_that_ends_just_before_the_lock_is_taken_is_served(
+async def test_a_get_miss_takes_its_fill_lock_in_the_lookup_itself(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    watched, client = await _watched_client(make_client, store, clock, Upstream())
+    assert (await get(client, "/a"))[0] == "MISS"
+    names = [name for name, _ in watched.calls]
+    assert names == ["get_many_or_add", "lock", "write"]  # one round trip to look and lock, one to store
+
+
+async def test_a_head_miss_or_a_no_cache_get_takes_no_fill_lock(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    watched, client = await _watched_client(make_client, store, clock, Upstream())
+    assert (await client.head("/a")).headers["X-Cache"] == "MISS"
+    response = await client.get("/b", headers={"Cache-Control": "no-cache"})
+    assert response.headers["X-Cache"] == "MISS"
+    assert [name for name, _ in watched.calls if name != "write"] == ["get_many", "get_many"]
+
+
+async def test_a_refill_that_ends_just_before_the_lock_is_taken_is_served(
     make_client: MakeClient, store: Store, clock: FakeClock
 ) -> None:
     upstream = Upstream()
-    other = await make_client(cache(store, clock), handler=upstream.handle)  # another instance
+    other = await make_client(cache(store, clock, stale_if_error=30), handler=upstream.handle)  # another instance
     watched = _Watched(store)
-    watched.before_lock = lambda: get(other, "/a")  # it fills /a between this one's lookup and its lock
-    client = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
-    assert await get(client, "/a") == ("HIT", "/a#1")  # the look taken with the lock found it
-    assert upstream.hits["/a"] == 1
+    client = await make_client(cache(watched, clock, stale_if_error=30), handler=upstream.handle)  # type: ignore[arg-type]
+    assert await get(client, "/a") == ("MISS", "/a#1")
+    clock.advance(61)  # stale: a lookup finds the entry, so it takes no lock; going upstream takes it
+    watched.before_lock = lambda: get(other, "/a")  # it refills /a between this one's lookup and its lock
+    assert await get(client, "/a") == ("HIT", "/a#2")  # the look taken with the lock found it
+    assert upstream.hits["/a"] == 2
 
 
 async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
@@ -276,7 +304,7 @@ async def test_a_lookup_reads_the_entry_with_its_generations_in_one_round_trip(
     watched.calls.clear()
     assert (await get(client, "/a?page=1"))[0] == "HIT"
     assert (await get(client, "/a?page=2"))[0] == "MISS"  # a new query on a known path
-    assert watched.reads() == ["get_many", "get_many"]  # no second read for the entry key
+    assert watched.reads() == ["get_many_or_add", "get_many_or_add"]  # no second read for the entry key
 
 
 async def test_an_entry_invalidated_on_another_instance_is_not_served_from_a_guessed_key(
@@ -291,9 +319,24 @@ async def test_an_entry_invalidated_on_another_instance_is_not_served_from_a_gue
     assert await get(other, "/a") == ("MISS", "/a#3")
     watched.calls.clear()
     assert await get(one, "/a") == ("HIT", "/a#3")  # not /a#1, which the key guessed from before leads to
-    assert watched.reads() == ["get_many", "get"]  # the guess was wrong: one more read
+    assert watched.reads() == ["get_many_or_add", "get"]  # the guess was wrong: one more read
     assert await get(one, "/a") == ("HIT", "/a#3")
-    assert watched.reads() == ["get_many"]  # and right again once seen
+    assert watched.reads() == ["get_many_or_add"]  # and right again once seen
+
+
+async def test_a_fill_lock_taken_on_a_wrongly_guessed_key_is_released(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream = Upstream()
+    watched, client = await _watched_client(make_client, store, clock, upstream)
+    assert await get(client, "/a") == ("MISS", "/a#1")
+    assert await purge(store, service="svc") == 1  # as another instance's admin does: a new generation
+    watched.calls.clear()
+    assert await get(client, "/a") == ("MISS", "/a#2")
+    # the guessed key (the old generation's) had no entry, so the lookup locked it: released at once
+    (_, guessed), (_, released), (_, taken) = [call for call in watched.locking() if call[0] != "write"]
+    assert released == (guessed,) and taken != guessed
+    assert await store.get_many(str(guessed), str(taken)) == [None, None]
 
 
 async def test_an_uncacheable_answer_is_not_shared_with_waiters(

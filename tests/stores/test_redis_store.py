@@ -81,6 +81,16 @@ async def test_script_reloaded_after_flush(redis_server: RedisServer) -> None:
     await store.aclose()
 
 
+async def test_get_many_or_add_script_reloaded_after_flush(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, namespace=unique_namespace())
+    await store.get_many_or_add("c:{s}:e", add="c:{s}:l1", value=b"1", ttl=60)
+    with redis_server.client() as client:
+        client.script_flush()
+    assert await store.get_many_or_add("c:{s}:e", add="c:{s}:l2", value=b"1", ttl=60) == ([None], True)
+    assert await store.get("c:{s}:l2") == b"1"
+    await store.aclose()
+
+
 async def test_namespaces_are_separate(redis_server: RedisServer) -> None:
     one, two = (RedisStore.from_url(redis_server.url, namespace=unique_namespace()) for _ in range(2))
     await one.set("k", b"one", ttl=60)
@@ -100,6 +110,7 @@ CALLS: list[Call] = [
     lambda store: store.set("k", b"v", ttl=5),
     lambda store: store.delete("k"),
     lambda store: store.incr("n"),
+    lambda store: store.get_many_or_add("c:{s}:e", add="c:{s}:l", value=b"1", ttl=5),
     lambda store: store.ping(),
 ]
 

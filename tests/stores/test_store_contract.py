@@ -80,6 +80,41 @@ async def test_concurrent_add_and_get_has_one_winner(store: Store) -> None:
     assert sum(locked for locked, _ in taken) == 1
 
 
+async def test_get_many_or_add_takes_the_lock_when_the_last_key_is_absent(store: Store) -> None:
+    await store.set("c:{s}:gen", b"3", ttl=60)
+    read = await store.get_many_or_add("c:{s}:gen", "c:{s}:entry", add="c:{s}:lock", value=b"me", ttl=60)
+    assert read == ([b"3", None], True)
+    assert await store.get("c:{s}:lock") == b"me"
+
+
+async def test_get_many_or_add_leaves_the_lock_when_the_last_key_is_there(store: Store) -> None:
+    await store.set("c:{s}:entry", b"filled", ttl=60)
+    read = await store.get_many_or_add("c:{s}:gen", "c:{s}:entry", add="c:{s}:lock", value=b"me", ttl=60)
+    assert read == ([None, b"filled"], False)
+    assert await store.get("c:{s}:lock") is None
+
+
+async def test_get_many_or_add_does_not_take_a_lock_someone_holds(store: Store) -> None:
+    await store.set("c:{s}:lock", b"you", ttl=60)
+    read = await store.get_many_or_add("c:{s}:entry", add="c:{s}:lock", value=b"me", ttl=60)
+    assert read == ([None], False)
+    assert await store.get("c:{s}:lock") == b"you"
+
+
+async def test_get_many_or_add_lock_expires_after_its_ttl(store: Store, advance: Advance) -> None:
+    assert (await store.get_many_or_add("c:{s}:entry", add="c:{s}:lock", value=b"me", ttl=0.1))[1]
+    await advance(0.15)
+    assert await store.get("c:{s}:lock") is None
+    assert (await store.get_many_or_add("c:{s}:entry", add="c:{s}:lock", value=b"again", ttl=60))[1]
+
+
+async def test_concurrent_get_many_or_add_has_one_winner(store: Store) -> None:
+    taken = await asyncio.gather(
+        *(store.get_many_or_add("c:{s}:e", add="c:{s}:lock", value=b"%d" % i, ttl=60) for i in range(20))
+    )
+    assert sum(added for _, added in taken) == 1
+
+
 async def test_write_applies_its_changes_in_order(store: Store, advance: Advance) -> None:
     await store.set("c:{s}:lock", b"1", ttl=60)
     await store.set("c:{s}:gone", b"1", ttl=60)
