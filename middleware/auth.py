@@ -324,7 +324,7 @@ class JwtAuthMiddleware:
         outcome = request.get(OUTCOME)
         if outcome is not None and claims.get("sub") is not None:
             outcome.sub = str(claims["sub"])
-        missing = self._policy.scopes - token_scopes(claims)
+        missing = self._policy.scopes - token_scopes(claims) if self._policy.scopes else None
         if missing:
             raise Problem(
                 403,
@@ -345,9 +345,11 @@ class JwtAuthMiddleware:
     async def _verify(self, token: str) -> dict[str, Any]:
         """The verified claims, or a 401 Problem whatever went wrong (the one place errors are mapped)."""
         if self._verified is not None and (hit := self._verified.get(token)) is not None:
-            with contextlib.suppress(*_TOKEN_ERRORS):  # a key that is gone now: verify in full, and fail there
+            try:  # (not contextlib.suppress: this runs on every request with a token)
                 if await self._keys.resolve(hit.algorithm, hit.kid) is hit.key:
                     return hit.claims
+            except _TOKEN_ERRORS:
+                pass  # a key that is gone now: verify in full, and fail there
         try:
             if len(token) > MAX_TOKEN_LENGTH:
                 raise _TokenTooLongError("token too long")

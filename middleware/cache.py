@@ -540,9 +540,9 @@ class CacheMiddleware:
         tap = _Capture(self._config, request)
         request[BODY_TAP] = tap
         response = await handler(request)
-        entry = await self._keep(request, lookup, tap)
+        filled = await self._keep(request, lookup, tap)
         if future is not None and not future.done():
-            future.set_result(None if entry is None else self._filled(request, lookup, entry))
+            future.set_result(filled)
         return response
 
     async def _fetch_or_stale(
@@ -563,8 +563,9 @@ class CacheMiddleware:
         late = math.ceil(stale.age_at(self._clock()) - stale.fresh)
         return self._replay(request, stale, "STALE", f"fwd=stale; fwd-status={failed}; ttl={-late}; detail=error")
 
-    async def _keep(self, request: web.Request, lookup: _Lookup, tap: _Capture) -> Entry | None:
-        """Store what the tap captured, if it was whole and may be stored; the entry, or None."""
+    async def _keep(self, request: web.Request, lookup: _Lookup, tap: _Capture) -> _Filled | None:
+        """Store what the tap captured, if it was whole and may be stored: the entry and its
+        digest (its key for ``request``, which the misses waiting for it compare theirs with), or None."""
         if not (tap.storable and tap.complete):
             return None
         headers, directives = tap.fields, tap.directives
@@ -580,11 +581,11 @@ class CacheMiddleware:
             stale=self._stale,
             tags=tuple(tags_of(headers.getall(CACHE_TAG, ()))),
         )
-        ttl = entry.fresh + entry.stale - entry.age
-        if ttl <= 0:
-            return entry
         varying = tap.varying or []
         digest = lookup.digest if varying == lookup.varying else self._digest_for(request, lookup, varying)
+        ttl = entry.fresh + entry.stale - entry.age
+        if ttl <= 0:
+            return entry, digest
         keys, index_ttl = self._keys, max(ttl, _INDEX_TTL)
         changes: list[Change] = []
         if varying != lookup.varying:
@@ -600,7 +601,7 @@ class CacheMiddleware:
             await self._store.write(*changes)
         except StoreUnavailable as exc:
             logger.debug("cache store unavailable while storing: %s", exc)
-        return entry
+        return entry, digest
 
     # -- stale-while-revalidate ------------------------------------------------------------
 
