@@ -256,8 +256,8 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_body_unsent", "_buffered", "_busy", "_chunked", "_chunks", "_complete", "_drain", "_error", "_head",
         "_head_only", "_head_size", "_keep_alive", "_last_read", "_lost", "_parser", "_paused", "_timeout",
-        "_timer", "_waiter", "connection", "content_length", "headers", "idle_since", "loop", "pool", "reason",
-        "status", "transport",
+        "_timer", "_timer_due", "_waiter", "connection", "content_length", "headers", "idle_since", "loop", "pool",
+        "reason", "status", "transport",
     )  # fmt: skip
     # (slots: one of these per pooled connection, so no __dict__ each)
 
@@ -286,8 +286,9 @@ class _Connection(asyncio.Protocol):
         self._body_unsent = False  # the request body was cut short: the connection cannot be reused
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timeout = 0.0
+        self._timeout = 0.0  # the read timeout of the request under way; 0: none
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._last_read = 0.0
         self._drain: asyncio.Future[None] | None = None
         self._head_size = 0  # bytes received before the final response head was complete
@@ -321,9 +322,7 @@ class _Connection(asyncio.Protocol):
                 if body is not None:
                     await self._send_stream(body, chunked, read_timeout)
             if read_timeout is not None:  # the upstream's time to answer counts once the request is sent
-                self._timeout = read_timeout
-                self._last_read = self.loop.time()
-                self._timer = self.loop.call_at(self._last_read + read_timeout, self._check_timeout)
+                self._arm_read_timer(read_timeout)
             await head_future
         except BaseException:
             self.close()
@@ -376,6 +375,7 @@ class _Connection(asyncio.Protocol):
         self._body_unsent = False
         self._error = None
         self._head_size = 0
+        self._timeout = 0.0
 
     # --- the response body ---------------------------------------------------------------
 
@@ -392,7 +392,7 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self._error is not None:
                 raise self._error
-            if self._timer is not None:
+            if self._timeout:
                 self._last_read = self.loop.time()  # the read timeout counts from when we start waiting
             waiter = self._waiter = self.loop.create_future()
             try:
@@ -406,9 +406,6 @@ class _Connection(asyncio.Protocol):
             return
         self._busy = False
         self._head = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._complete and self._keep_alive and not self._body_unsent and not self._chunks:
             if self._head_only:
                 self._parser = None  # llhttp cannot be told a response had no body: it would wait for one
@@ -440,7 +437,7 @@ class _Connection(asyncio.Protocol):
         if parser is None or self._complete:
             self.close()  # bytes nobody asked for: the connection can no longer be trusted
             return
-        if self._timer is not None:
+        if self._timeout:
             self._last_read = self.loop.time()
         try:
             parser.feed_data(data)
@@ -460,6 +457,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         head_in = self.status != 0
         if head_in and not self._complete and exc is None and self.content_length is None and not self._chunked:
             self._message_complete()  # a body delimited by the end of the connection (RFC 9112 §6.3)
@@ -539,9 +539,6 @@ class _Connection(asyncio.Protocol):
 
     def _message_complete(self) -> None:
         self._complete = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._wake()
 
     # --- waking the reader ---------------------------------------------------------------
@@ -566,10 +563,24 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
+    def _arm_read_timer(self, timeout: float) -> None:
+        """Start the request's read timeout. A timer left by an earlier request on this connection
+        is kept when it is due no later (it looks again when it fires): a connection busy with
+        one request after another sets a timer about once per timeout, not once per request."""
+        now = self.loop.time()
+        self._timeout, self._last_read = timeout, now
+        due = now + timeout
+        if self._timer is not None and self._timer_due > due:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer, self._timer_due = self.loop.call_at(due, self._check_timeout), due
+
     def _check_timeout(self) -> None:
-        """The read timer: fires at most once per timeout period, however much data arrives."""
+        """The read timer: fires at most once per timeout period, however much data arrives;
+        dropped when no response is being read (an earlier request's timer)."""
         self._timer = None
-        if self._complete or not self._busy:
+        if self._complete or not self._busy or not self._timeout:
             return
         waiting = (self._head is not None and not self._head.done()) or self._waiter is not None
         due = self._last_read + self._timeout
@@ -578,4 +589,5 @@ class _Connection(asyncio.Protocol):
             self._fail(ReadTimeout(f"{self.pool.host_header} sent nothing for {self._timeout:g}s"))
             self.close()
             return
-        self._timer = self.loop.call_at(max(due, now + 0.001) if waiting else now + self._timeout, self._check_timeout)
+        at = max(due, now + 0.001) if waiting else now + self._timeout
+        self._timer, self._timer_due = self.loop.call_at(at, self._check_timeout), at

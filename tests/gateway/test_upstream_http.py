@@ -12,7 +12,7 @@ import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
@@ -377,6 +377,31 @@ async def test_a_reused_connection_gets_the_whole_read_timeout_again(serve: Serv
         await within(pool.request("GET", "/", [], read_timeout=0.5))
     assert loop.time() - started >= 0.49
     assert len(server.peers) == 1
+
+
+async def test_a_connection_busy_with_one_request_after_another_sets_its_read_timer_once(
+    serve: Serve, make_pool: MakePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def handle(peer: Peer) -> None:
+        while (request := await peer.read_request()) is not None:
+            peer.send(response(request.target.encode()))
+
+    server = await serve(handle)
+    pool = make_pool(server)
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Callable[..., object], *args: object, **kwargs: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__name__", "") == "_check_timeout":
+            timers.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    for n in range(20):
+        assert await fetch(pool, f"/{n}", read_timeout=30.0) == (200, f"/{n}".encode())
+    assert len(server.peers) == 1
+    assert len(timers) == 1  # the first request's timer, due long after the last one ended
 
 
 async def test_body_stalled_mid_way_is_a_read_timeout_from_readany(serve: Serve, make_pool: MakePool) -> None:
