@@ -21,9 +21,13 @@ Who closes what, and with which code (RFC 6455 §7.4):
 - shutdown (:func:`close_all`, an ``on_shutdown`` hook): 1001 ``gateway shutting down``;
   an upgrade that arrives after that is refused with 503.
 
-Both sides also get a ping after ``ping_interval`` without traffic (aiohttp's heartbeat);
-no pong within half of it counts as the peer vanishing. Every close waits at most
-:data:`CLOSE_TIMEOUT` for the peer; a client that does not read is then cut off.
+Both sides also get an empty ping after ``ping_interval`` (up to one and a half of it) without
+a frame from them; no frame within half of ``ping_interval`` after it counts as the peer
+vanishing, as with aiohttp's heartbeat. The relay keeps this time itself, with one timer per
+connection that wakes every half ``ping_interval`` and frames counted as they pass: aiohttp's
+heartbeat resets its timer on every read, about 15% of what relaying a message cost
+(bench/README.md). Every close waits at most :data:`CLOSE_TIMEOUT` for the peer; a client
+that does not read is then cut off.
 """
 
 from __future__ import annotations
@@ -172,7 +176,6 @@ class WebSocketRelay:
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             max_msg_size=config.max_message + 1,  # aiohttp refuses a message of exactly its limit
-            heartbeat=config.ping_interval,
             autoping=False,  # pings and pongs are relayed, not answered here
             autoclose=False,  # close frames are relayed, then echoed
             compress=False,
@@ -184,13 +187,11 @@ class WebSocketRelay:
             await client.prepare(request)
         except ConnectionError:  # the client left while the upstream was being opened: one line, no traceback
             await session.close_upstream(WSCloseCode.GOING_AWAY, "client went away")
-            session.release_upstream()
             logger.info("client went away during the WebSocket upgrade of %s", request.path)
             request[OUTCOME].error = "client went away during the upgrade"
             raise asyncio.CancelledError from None  # aiohttp ends a handler whose client is gone this way
         except BaseException:
             await session.close_upstream(WSCloseCode.GOING_AWAY, "client went away")
-            session.release_upstream()
             raise
         if relays is not None:
             relays.add(session)
@@ -230,7 +231,6 @@ class WebSocketRelay:
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
                         autoclose=False,
                         autoping=False,
-                        heartbeat=self._config.ping_interval,
                         max_msg_size=self._config.max_message + 1,
                         decode_text=False,
                     )
@@ -249,6 +249,16 @@ class WebSocketRelay:
                 raise Problem(502, f"upstream {upstream.base} failed the upgrade: {type(exc).__name__}") from None
             self._pool.succeeded(upstream)
             return socket
+
+
+async def _ping(socket: _Socket) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the socket is closing: its pump will see it
+        await socket.ping(b"")
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _refusal(upstream: Upstream, exc: WSServerHandshakeError) -> Problem:
@@ -290,12 +300,15 @@ class _Session:
     """Two pumps, the timers, and the closing handshake of one relayed connection."""
 
     __slots__ = (
+        "_beat",
         "_client",
         "_config",
         "_empty_pings",
+        "_heard",
         "_idle",
         "_last",
         "_loop",
+        "_quiet",
         "_stopped",
         "_tokens",
         "_tokens_at",
@@ -323,6 +336,11 @@ class _Session:
         self._tokens_at = self._last  # when
         self._idle: asyncio.TimerHandle | None = None
         self._empty_pings = [0, 0]  # relayed, not yet answered: from the client, from the upstream
+        # the keepalive (see _heartbeat): frames from the client and from the upstream since the
+        # last beat, and how many beats in a row heard nothing from each
+        self._beat: asyncio.TimerHandle | None = None
+        self._heard = [0, 0]
+        self._quiet = [0, 0]
 
     def stop(self, code: int, reason: str) -> None:
         """End the relay from outside (shutdown, idle, expiry): both sides get ``code``."""
@@ -333,6 +351,7 @@ class _Session:
         """Relay until either side goes; say why, when the gateway ended it."""
         loop = self._loop
         self._idle = loop.call_at(self._last + self._config.idle_timeout, self._check_idle)
+        self._beat = loop.call_at(self._last + self._config.ping_interval / 2, self._heartbeat)
         expiry = None
         if expires_in is not None:
             expiry = loop.call_later(expires_in, self.stop, WSCloseCode.POLICY_VIOLATION, "token expired")
@@ -348,6 +367,8 @@ class _Session:
         finally:
             if self._idle is not None:
                 self._idle.cancel()
+            if self._beat is not None:
+                self._beat.cancel()
             if expiry is not None:
                 expiry.cancel()
             up.cancel()
@@ -356,15 +377,7 @@ class _Session:
             try:
                 await self._close_leftovers(self._first_end(up, down))
             finally:
-                self.release_upstream()
                 self.finished.set_result(None)
-
-    def release_upstream(self) -> None:
-        """Stop the upstream socket's heartbeat timer. aiohttp 3.14 re-arms it when the peer's
-        close frame arrives during close(), and the timer then holds the closed socket (its
-        reader, parser and connection, about 8 KiB) for ``ping_interval``: with sockets opened
-        and closed quickly, memory grew without bound (bench/README.md, "Soak")."""
-        self._upstream._cancel_heartbeat()
 
     def _first_end(self, up: asyncio.Task[_End], down: asyncio.Task[_End]) -> _End | None:
         for task in (up, down):
@@ -391,9 +404,11 @@ class _Session:
 
     async def _pump(self, source: _Socket, sink: _Socket, *, from_client: bool) -> _End:
         limited = from_client
+        heard, side = self._heard, 0 if from_client else 1
         try:
             while True:
                 message = await source.receive()
+                heard[side] += 1
                 kind = message.type
                 if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                     self._last = now = self._loop.time()
@@ -446,6 +461,26 @@ class _Session:
             return False
         self._tokens, self._tokens_at = tokens - 1.0, now
         return True
+
+    def _heartbeat(self) -> None:
+        """Every half ``ping_interval``: ping a side silent for two beats; a side still silent
+        one beat after its ping has vanished (aiohttp's missed-pong handling ends its socket,
+        and its pump then sees the connection gone)."""
+        heard, quiet = self._heard, self._quiet
+        sockets: tuple[_Socket, _Socket] = (self._client, self._upstream)
+        for side, socket in enumerate(sockets):
+            if heard[side]:
+                heard[side] = quiet[side] = 0
+                continue
+            quiet[side] += 1
+            if quiet[side] == 2:
+                task = self._loop.create_task(_ping(socket))
+                task.add_done_callback(_retrieve)
+            elif quiet[side] > 2:
+                socket._handle_ping_pong_exception(
+                    TimeoutError(f"no frame within {self._config.ping_interval / 2:g}s of a ping")
+                )
+        self._beat = self._loop.call_at(self._loop.time() + self._config.ping_interval / 2, self._heartbeat)
 
     def _check_idle(self) -> None:
         deadline = self._last + self._config.idle_timeout

@@ -44,7 +44,8 @@ SEEN = web.AppKey("seen", Seen)
 
 
 async def _socket(request: web.Request) -> web.StreamResponse:
-    """Echoes; text commands: ``close <code> <reason>``, ``abort``, ``ping <data>``, ``big <n>``."""
+    """Echoes; text commands: ``close <code> <reason>``, ``abort``, ``ping <data>``, ``big <n>``,
+    ``deaf`` (reads nothing more, so answers no ping, until the connection is gone)."""
     seen = request.app[SEEN]
     seen.requests.append((request.raw_path, {k.lower(): v for k, v in request.headers.items()}))
     ws = web.WebSocketResponse(protocols=("chat", "echo"), autoping=False, autoclose=False, max_msg_size=0)
@@ -62,6 +63,12 @@ async def _socket(request: web.Request) -> web.StreamResponse:
                 if command == "abort":
                     assert request.transport is not None
                     request.transport.abort()
+                    return ws
+                if command == "deaf":
+                    for _ in range(100):
+                        if request.transport is None or request.transport.is_closing():
+                            break
+                        await asyncio.sleep(0.05)
                     return ws
                 if command == "ping":
                     await ws.ping(argument.encode())
@@ -411,6 +418,39 @@ async def test_silent_client_is_pinged_and_dropped_when_it_does_not_answer(
     assert seen(ws_upstream).closes == [(1001, "client went away")]
 
 
+async def test_an_upstream_that_answers_no_ping_is_dropped_and_the_client_told(
+    make_gateway: MakeGateway, ws_upstream: TestServer
+) -> None:
+    gateway = await make_gateway(routes(upstream(ws_upstream), "{ping_interval: 200ms}"))
+    async with gateway.ws_connect("/api/ws/ws") as ws:
+        await ws.send_str("deaf")
+        started = time.monotonic()
+        message = await receive(ws, within=2)
+    assert (message.type, message.data, message.extra) == (WSMsgType.CLOSE, 1014, "upstream connection lost")
+    assert time.monotonic() - started < 1.0  # pinged after 200-300 ms of silence, gone 100 ms later
+
+
+async def test_silent_peers_that_answer_pings_are_kept(make_gateway: MakeGateway, ws_upstream: TestServer) -> None:
+    gateway = await make_gateway(routes(upstream(ws_upstream), "{ping_interval: 200ms}"))
+    async with gateway.ws_connect("/api/ws/ws") as ws:
+        echo = asyncio.create_task(receive(ws))  # a pending receive answers the gateway's pings (autoping)
+        await asyncio.sleep(0.8)
+        await ws.send_str("still here")
+        assert (await echo).data == "still here"
+    assert b"" in seen(ws_upstream).pings  # the gateway pinged the silent upstream too
+
+
+async def test_peers_that_talk_are_not_pinged(make_gateway: MakeGateway, ws_upstream: TestServer) -> None:
+    gateway = await make_gateway(routes(upstream(ws_upstream), "{ping_interval: 200ms}"))
+    async with gateway.ws_connect("/api/ws/ws", autoping=False) as ws:
+        for n in range(15):  # 0.6 s of traffic both ways, every 40 ms
+            await ws.send_str(f"m{n}")
+            message = await receive(ws)
+            assert (message.type, message.data) == (WSMsgType.TEXT, f"m{n}")  # never a PING in between
+            await asyncio.sleep(0.04)
+    assert seen(ws_upstream).pings == []
+
+
 async def test_shutdown_closes_every_socket_with_1001(gateway: GatewayClient, ws_upstream: TestServer) -> None:
     sockets = [await gateway.ws_connect("/api/ws/ws") for _ in range(3)]
     async with connect(ws_url(gateway, "/api/ws/ws")) as other:
@@ -532,8 +572,8 @@ async def test_access_log_line_of_a_relayed_socket(gateway: GatewayClient, caplo
 
 
 async def test_closed_upstream_sockets_are_not_held_after_their_relay_ends(gateway: GatewayClient) -> None:
-    """aiohttp re-arms a client socket's heartbeat when the close frame comes during close();
-    the relay stops it, so a closed upstream socket is not kept for ping_interval (30 s)."""
+    """No timer or task keeps a relay's upstream socket once the relay has ended (aiohttp 3.14's
+    heartbeat, which the relay no longer uses, held each one for ping_interval: 30 s)."""
     for _ in range(10):
         async with gateway.ws_connect("/api/ws/ws") as ws:
             await ws.send_str("x")
@@ -542,7 +582,8 @@ async def test_closed_upstream_sockets_are_not_held_after_their_relay_ends(gatew
     await eventually(lambda: not relays)
     await asyncio.sleep(0.1)
     gc.collect()
-    held = [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientWebSocketResponse) and o._heartbeat is not None]
+    # the gateway's upstream sockets are the ones with autoping off (the test's own clients answer pings)
+    held = [o for o in gc.get_objects() if isinstance(o, aiohttp.ClientWebSocketResponse) and not o._autoping]
     assert held == []
 
 
