@@ -516,10 +516,14 @@ class CacheMiddleware:
         while self._clock() < deadline:
             await asyncio.sleep(_POLL)
             try:
+                # The lock first: a fill stores its entry, then releases the lock, so once the
+                # lock is seen gone the entry is there to find. Looked at the other way round,
+                # a fill that ended between the two reads would look like one that stored nothing.
+                released = await self._store.get(lock) is None
                 again = await self._lookup(request, lookup.subject)
                 if again.entry is not None:
                     return again.entry
-                if await self._store.get(lock) is None:
+                if released:
                     return None
             except StoreUnavailable:
                 return None

@@ -187,6 +187,7 @@ class _Watched:
         self.store = store
         self.calls: list[tuple[str, object]] = []
         self.before_lock: Callable[[], Awaitable[object]] | None = None
+        self.after_read: Awaitable[object] | None = None  # awaited once, after the next get_many has read
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
@@ -214,7 +215,11 @@ class _Watched:
 
     async def get_many(self, *keys: str) -> list[bytes | None]:
         self.calls.append(("get_many", keys))
-        return await self.store.get_many(*keys)
+        values = await self.store.get_many(*keys)
+        if self.after_read is not None:
+            after, self.after_read = self.after_read, None
+            await after
+        return values
 
     async def get(self, key: str) -> bytes | None:
         self.calls.append(("get", key))
@@ -271,6 +276,28 @@ async def test_a_refill_that_ends_just_before_the_lock_is_taken_is_served(
     watched.before_lock = lambda: get(other, "/a")  # it refills /a between this one's lookup and its lock
     assert await get(client, "/a") == ("HIT", "/a#2")  # the look taken with the lock found it
     assert upstream.hits["/a"] == 2
+
+
+async def test_a_poll_does_not_miss_a_fill_that_ends_between_its_reads(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream, upstream_called = Upstream(delay=0.2), asyncio.Event()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        upstream_called.set()
+        return await upstream.handle(request)
+
+    filler = await make_client(cache(store, clock), handler=handle)  # another instance
+    watched = _Watched(store)
+    poller = await make_client(cache(watched, clock), handler=upstream.handle)  # type: ignore[arg-type]
+    filling = asyncio.create_task(get(filler, "/a"))
+    await asyncio.wait_for(upstream_called.wait(), 5)  # the filler holds the lock and is upstream
+    # the poller's next look for the entry finds none, and the fill (entry stored, lock released)
+    # ends before that look returns: the lock, read after it, would be gone with the entry there
+    watched.after_read = filling
+    assert await get(poller, "/a") == ("HIT", "/a#1")
+    assert await filling == ("MISS", "/a#1")
+    assert upstream.hits["/a"] == 1
 
 
 async def test_a_fill_releases_its_lock_in_the_round_trip_that_stores_the_entry(
