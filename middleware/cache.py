@@ -442,18 +442,20 @@ class CacheMiddleware:
     async def _miss(self, request: web.Request, handler: Handler, lookup: _Lookup) -> web.StreamResponse:
         """One upstream request per key: later misses wait for the first one's entry."""
         pending = self._inflight.get(lookup.digest)
-        if pending is not None:
-            if lookup.lock is not None:  # taken by the lookup while this process's own fill went without
-                lock, lookup.lock = lookup.lock, None
-                await self._quietly(self._store.delete(lock))
+        if pending is not None and lookup.lock is None:
             entry = self._usable(request, lookup, await self._wait(pending))
             if entry is not None:
                 return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
             return await self._fetch(request, handler, lookup)
         if request.method != hdrs.METH_GET:
             return await self._fetch(request, handler, lookup)  # only a GET body can fill the entry
-        future: asyncio.Future[_Filled | None] = asyncio.get_running_loop().create_future()
-        self._inflight[lookup.digest] = future
+        # With a request of this process already waiting (its lookup, finished first, found the
+        # lock taken: by this one), this one holds the lock and fills: the other sees the entry
+        # once the lock is released, and its own waiters with it.
+        future: asyncio.Future[_Filled | None] | None = None
+        if pending is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[lookup.digest] = future
         lock = self._keys.lock(lookup.digest)
         try:
             # The lookup took the lock when it found no entry. Else (a stale entry, a second read
@@ -473,13 +475,15 @@ class CacheMiddleware:
                     lookup.lock = lock  # released by _keep with the entry, or below
             entry = self._fresh(data) if locked else await self._poll(request, lookup)
             if entry is not None:
-                future.set_result(self._filled(request, lookup, entry))
+                if future is not None:
+                    future.set_result(self._filled(request, lookup, entry))
                 return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
             return await self._fetch(request, handler, lookup, future)
         finally:
-            if not future.done():
-                future.set_result(None)
-            del self._inflight[lookup.digest]
+            if future is not None:
+                if not future.done():
+                    future.set_result(None)
+                del self._inflight[lookup.digest]
             if lookup.lock is not None:
                 lookup.lock = None
                 await self._quietly(self._store.delete(lock))

@@ -174,7 +174,7 @@ async def test_two_instances_on_one_store_fill_once(make_client: MakeClient, sto
     one = await make_client(cache(store, clock), handler=upstream.handle)
     two = await make_client(cache(store, clock), handler=upstream.handle)
     results = await asyncio.gather(*(get(client, "/a") for _ in range(10) for client in (one, two)))
-    assert upstream.hits["/a"] == 1
+    assert upstream.hits["/a"] == 1, results
     assert {body for _, body in results} == {"/a#1"}
     assert sorted(result for result, _ in results) == ["HIT"] * 19 + ["MISS"]
 
@@ -188,6 +188,7 @@ class _Watched:
         self.calls: list[tuple[str, object]] = []
         self.before_lock: Callable[[], Awaitable[object]] | None = None
         self.after_read: Awaitable[object] | None = None  # awaited once, after the next get_many has read
+        self.after_lock_taken: Awaitable[object] | None = None  # awaited once, after a lookup takes a lock
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
@@ -203,6 +204,9 @@ class _Watched:
         values, added = await self.store.get_many_or_add(*keys, add=add, value=value, ttl=ttl)
         if added:
             self.calls.append(("lock", add))
+            if self.after_lock_taken is not None:
+                after, self.after_lock_taken = self.after_lock_taken, None
+                await after
         return values, added
 
     async def write(self, *changes: Change) -> None:
@@ -276,6 +280,32 @@ async def test_a_refill_that_ends_just_before_the_lock_is_taken_is_served(
     watched.before_lock = lambda: get(other, "/a")  # it refills /a between this one's lookup and its lock
     assert await get(client, "/a") == ("HIT", "/a#2")  # the look taken with the lock found it
     assert upstream.hits["/a"] == 2
+
+
+async def test_the_request_whose_lookup_took_the_lock_fills_while_holding_it(
+    make_client: MakeClient, store: Store, clock: FakeClock
+) -> None:
+    upstream, locked_out = Upstream(), asyncio.Event()
+    watched = _Watched(store)
+    held_during_fetch: list[bool] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        lock = next(key for name, key in watched.calls if name == "lock")
+        held_during_fetch.append(await store.get(str(lock)) is not None)
+        return await upstream.handle(request)
+
+    async def lock_refused() -> None:
+        locked_out.set()
+
+    # the lookup that takes the lock returns last: the other request of this process has
+    # already missed, found the lock taken and started waiting for it
+    watched.after_lock_taken = locked_out.wait()
+    watched.before_lock = lock_refused
+    client = await make_client(cache(watched, clock), handler=handle)  # type: ignore[arg-type]
+    results = await asyncio.gather(get(client, "/a"), get(client, "/a"))
+    assert sorted(result for result, _ in results) == ["HIT", "MISS"]
+    assert upstream.hits["/a"] == 1
+    assert held_during_fetch == [True]  # went upstream holding the lock: no other instance could fill too
 
 
 async def test_a_poll_does_not_miss_a_fill_that_ends_between_its_reads(
