@@ -458,13 +458,11 @@ class CacheMiddleware:
             self._inflight[lookup.digest] = future
         lock = self._keys.lock(lookup.digest)
         try:
-            # The lookup took the lock when it found no entry. Else (a stale entry, a second read
-            # after a wrong guess) take it now and look once more, in one round trip: a fill that
-            # ended meanwhile released the lock after storing. Without the lock, another
-            # instance is filling the entry: wait for it.
-            if lookup.lock is not None:
-                locked, data = True, None
-            else:
+            # The lookup took the lock when it found no entry: fill it. Else (a stale entry, a
+            # second read after a wrong guess) take it now and look once more, in one round trip:
+            # a fill that ended meanwhile released the lock after storing. Without the lock,
+            # another instance is filling the entry: wait for it.
+            if lookup.lock is None:
                 try:
                     locked, data = await self._store.add_and_get(
                         lock, b"1", ttl=self._lock_wait, then=self._keys.entry(lookup.digest)
@@ -473,11 +471,11 @@ class CacheMiddleware:
                     locked, data = True, None  # nobody else can see the store either
                 if locked:
                     lookup.lock = lock  # released by _keep with the entry, or below
-            entry = self._fresh(data) if locked else await self._poll(request, lookup)
-            if entry is not None:
-                if future is not None:
-                    future.set_result(self._filled(request, lookup, entry))
-                return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
+                entry = self._fresh(data) if locked else await self._poll(request, lookup)
+                if entry is not None:
+                    if future is not None:
+                        future.set_result(self._filled(request, lookup, entry))
+                    return self._replay(request, entry, "HIT", f"hit; ttl={self._ttl(entry)}; detail=coalesced")
             return await self._fetch(request, handler, lookup, future)
         finally:
             if future is not None:

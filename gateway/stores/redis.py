@@ -90,7 +90,7 @@ class RedisStore:
         self._timeout = timeout
         self._gcra = client.register_script(LUA)
         self._get_many_or_add = client.register_script(GET_MANY_OR_ADD)
-        self._scripts = {script.sha: script.script for script in (self._gcra, self._get_many_or_add)}
+        self._scripts = (self._gcra.script, self._get_many_or_add.script)  # loaded again after a flush
         self._detach = isinstance(client, RedisCluster)
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
@@ -322,7 +322,7 @@ class RedisStore:
         self._settle(batch, commands, replies)
 
     async def _load_scripts(self, client: Client) -> None:
-        for script in self._scripts.values():
+        for script in self._scripts:
             await client.script_load(script)
 
     def _sent_now(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
