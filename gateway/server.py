@@ -38,6 +38,7 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_urldispatcher import MatchInfoError
 
 from middleware.problem import PROBLEM_JSON, Problem, problem_body, problem_response
 from middleware.request_id import new_request_id
@@ -266,7 +267,15 @@ class GatewayProtocol(RequestHandler):
         its last request and response referenced until the next request comes, so an idle
         keep-alive connection would hold every header of both (about 2.5 KiB a connection,
         measured with tracemalloc over 1,000 idle connections; more with large cookies). The
-        attributes are aiohttp 3.14's; tests/gateway/test_idle_connections.py notices a change."""
+        attributes are aiohttp 3.14's; tests/gateway/test_idle_connections.py notices a change.
+
+        A request aiohttp's router could not even walk (an authority-form ``CONNECT`` target:
+        no path) got aiohttp's plain-text error without reaching the gateway's app-wide chain;
+        it is answered as a problem here, and logged."""
+        if isinstance(resp, web.HTTPException) and isinstance(getattr(request, "match_info", None), MatchInfoError):
+            target = request.raw_path[:200]
+            logger.warning("refused %s %s: no path to route (%d)", request.method, target, resp.status)
+            resp = problem_response(Problem(resp.status, f"{request.method} {target} has no path to route"), None)
         try:
             return await super().finish_response(request, resp, start_time)
         finally:

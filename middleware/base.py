@@ -57,9 +57,9 @@ class Outcome:
     status: int | None = None  # set when the response's headers are sent; None means nothing sent yet
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """The answer of :meth:`Store.take`: whether one request fits the budget, and what is left."""
+class Quota(NamedTuple):
+    """The answer of :meth:`Store.take`: whether one request fits the budget, and what is left
+    (a named tuple: one is made per limited request)."""
 
     allowed: bool
     remaining: int  # requests that would still be admitted right now, after this one

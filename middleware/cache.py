@@ -169,7 +169,7 @@ class _Capture:
         self.status, self.reason, self.headers = status, reason, list(headers)
         self.fields = fields = CIMultiDict(headers)
         self.directives = cache_control(fields.getall(hdrs.CACHE_CONTROL, ()))
-        self.varying = vary_of(fields.getall(hdrs.VARY, ()))
+        self.varying = vary_of(fields.getall(hdrs.VARY)) if hdrs.VARY in fields else []
         why = _not_storable(self)
         self.storable = why is None
         if self.request is not None:
@@ -575,17 +575,17 @@ class CacheMiddleware:
         if not (tap.storable and tap.complete):
             return None
         headers, directives = tap.fields, tap.directives
-        age = headers.get(hdrs.AGE, "")
+        age = headers.get(hdrs.AGE)  # the fields below are rarely there: looked for before they are parsed
         entry = Entry(
             status=tap.status,
             reason=tap.reason,
-            headers=[(k, v) for k, v in tap.headers if k.lower() != "age"],
+            headers=tap.headers if age is None else [(k, v) for k, v in tap.headers if k.lower() != "age"],
             body=b"".join(tap.chunks),
             stored=self._clock(),
-            age=float(age) if age.isdigit() else 0.0,
+            age=float(age) if age is not None and age.isdigit() else 0.0,
             fresh=freshness(directives, self._config.ttl),
             stale=self._stale,
-            tags=tuple(tags_of(headers.getall(CACHE_TAG, ()))),
+            tags=tuple(tags_of(headers.getall(CACHE_TAG))) if CACHE_TAG in headers else (),
         )
         varying = tap.varying or []
         digest = lookup.digest if varying == lookup.varying else self._digest_for(request, lookup, varying)

@@ -11,7 +11,7 @@ rejected request names the exact microsecond (``retry_after``) at which one more
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from middleware.base import Quota
 
@@ -49,8 +49,7 @@ return {1, math.floor((burst - (new_tat - now)) / interval), new_tat - now, 0}
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """One GCRA step in integer microseconds; ``tat`` is what to store (None: store nothing)."""
 
     allowed: bool
