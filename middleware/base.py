@@ -134,8 +134,9 @@ class Store(Protocol):
         ...
 
     async def write(self, *changes: Change) -> None:
-        """Apply ``changes`` in order, in one round trip (one after another on a Cluster). When
-        this raises StoreUnavailable, some of them may have been applied."""
+        """Apply ``changes`` in order, in one round trip (one after another on a Cluster). On
+        one Redis they are one atomic step; when this raises StoreUnavailable (a Cluster, or an
+        answer that never came), some of them may have been applied."""
         ...
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:

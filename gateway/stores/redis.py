@@ -7,8 +7,8 @@ Every call goes through :meth:`RedisStore._edge`, the one place that bounds it b
 on the next call, so the store recovers when Redis comes back.
 
 ``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA`, with the time taken from the
-Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY_OR_ADD`. Both
-scripts are loaded again automatically after a Redis restart.
+Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY_OR_ADD`; ``write``
+one of :data:`WRITE` (on one Redis). The scripts are loaded again automatically after a Redis restart.
 On one Redis, the commands that requests start in the same turn of the event loop (takes,
 cache lookups, stores, locks) go out together in one pipeline: one round trip and one
 connection for all of them. redis-py's cost per call (a pooled connection taken and given
@@ -74,6 +74,31 @@ return values
 """
 
 
+# KEYS: the key of each change step, in order. ARGV: for each key, its step and the step's arguments:
+# 'S', value, ttl in ms (SET PX) | 'A', ttl in ms, member count, members... (SADD, then PEXPIRE) | 'D' (DEL).
+# One script instead of a command per step: one reply for the whole write, and the steps atomic.
+WRITE = """
+local at = 1
+for i = 1, #KEYS do
+  local step = ARGV[at]
+  if step == 'S' then
+    redis.call('SET', KEYS[i], ARGV[at + 1], 'PX', ARGV[at + 2])
+    at = at + 3
+  elseif step == 'A' then
+    local count = tonumber(ARGV[at + 2])
+    redis.call('SADD', KEYS[i], unpack(ARGV, at + 3, at + 2 + count))
+    redis.call('PEXPIRE', KEYS[i], ARGV[at + 1])
+    at = at + 3 + count
+  else
+    redis.call('DEL', KEYS[i])
+    at = at + 1
+  end
+end
+return #KEYS
+"""
+_MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
+
+
 class RedisStore:
     """A :class:`~middleware.base.Store` on Redis or Redis Cluster; see :func:`gateway.stores.open_store`.
 
@@ -90,7 +115,9 @@ class RedisStore:
         self._timeout = timeout
         self._gcra = client.register_script(LUA)
         self._get_many_or_add = client.register_script(GET_MANY_OR_ADD)
-        self._scripts = (self._gcra.script, self._get_many_or_add.script)  # loaded again after a flush
+        self._write = client.register_script(WRITE)
+        # loaded again after a flush
+        self._scripts = (self._gcra.script, self._get_many_or_add.script, self._write.script)
         self._detach = isinstance(client, RedisCluster)
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
@@ -208,20 +235,24 @@ class RedisStore:
                 else:
                     await self.delete(*change.keys)
             return
-        commands: list[Command] = []
-        for change in changes:  # the commands set, sadd and delete send
+        keys: list[str] = []
+        args: list[bytes | str | int] = []
+        for change in changes:  # the steps of WRITE: what set, sadd and delete do
             if isinstance(change, Put):
-                ttl = change.ttl
-                commands.append(
-                    self._set_command(change.key, change.value, ttl) if ttl > 0 else ("DEL", self.key(change.key))
-                )
+                keys.append(self.key(change.key))
+                args += ("S", change.value, _ms(change.ttl)) if change.ttl > 0 else ("D",)
             elif isinstance(change, AddToSet):
-                if change.members:
-                    commands += self._sadd_commands(change.key, change.members, change.ttl)
-            elif change.keys:
-                commands.append(("DEL", *(self.key(key) for key in change.keys)))
-        if commands:
-            await self._batched(*commands)
+                members = change.members
+                for start in range(0, len(members), _MAX_MEMBERS):
+                    part = members[start : start + _MAX_MEMBERS]
+                    keys.append(self.key(change.key))
+                    args += ("A", _ms(change.ttl), len(part), *part)
+            else:
+                for key in change.keys:
+                    keys.append(self.key(key))
+                    args.append("D")
+        if keys:
+            await self._batched(("EVALSHA", self._write.sha, len(keys), *keys, *args))
 
     def _set_command(self, key: str, value: bytes, ttl: float) -> Command:
         return ("SET", self.key(key), value, "PX", _ms(ttl))

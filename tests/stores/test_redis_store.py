@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 from gateway.config import StoreConfig
 from gateway.stores import MemoryStore, RedisStore, open_store
-from middleware.base import Store, StoreUnavailable
+from middleware.base import AddToSet, Put, Remove, Store, StoreUnavailable
 from tests.conftest import free_port
 from tests.redis_servers import RedisServer
 from tests.stores.conftest import FakeClock, store_url, unique_namespace
@@ -88,6 +88,17 @@ async def test_get_many_or_add_script_reloaded_after_flush(redis_server: RedisSe
         client.script_flush()
     assert await store.get_many_or_add("c:{s}:e", add="c:{s}:l2", value=b"1", ttl=60) == ([None], True)
     assert await store.get("c:{s}:l2") == b"1"
+    await store.aclose()
+
+
+async def test_write_script_reloaded_after_flush(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, namespace=unique_namespace())
+    await store.write(Put("c:{s}:a", b"1", 60))
+    with redis_server.client() as client:
+        client.script_flush()
+    await store.write(Put("c:{s}:b", b"2", 60), AddToSet("c:{s}:i", ("b /x",), 60), Remove(("c:{s}:a",)))
+    assert await store.get_many("c:{s}:a", "c:{s}:b") == [None, b"2"]
+    assert await store.smembers("c:{s}:i") == {"b /x"}
     await store.aclose()
 
 

@@ -142,6 +142,13 @@ async def test_write_applies_its_changes_in_order(store: Store, advance: Advance
     await store.write()  # no change: nothing sent
 
 
+async def test_write_adds_many_members_at_once(store: Store) -> None:
+    members = tuple(f"{n} /path/{n}" for n in range(10_000))  # more than one Lua unpack takes (about 8,000)
+    await store.write(AddToSet("c:{s}:index", members, 60), Put("c:{s}:after", b"1", 60))
+    assert await store.smembers("c:{s}:index") == frozenset(members)
+    assert await store.get("c:{s}:after") == b"1"
+
+
 async def test_get_many(store: Store) -> None:
     await store.set("c:{s}:a", b"1", ttl=60)
     await store.set("c:{s}:c", b"\x003", ttl=60)
