@@ -115,7 +115,11 @@ class RateLimitMiddleware:
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         key = self._prefix + client_key(request, self._config.key)
-        quota = await self._take(key)
+        quota: Quota | None
+        try:  # the store awaited here, not in a helper: one frame less on the request's every await
+            quota = await self._store.take(key, limit=self._config.requests, period=self._config.per)
+        except StoreUnavailable as exc:
+            quota = await self._unavailable(key, exc)
         if quota is None:  # store down and on_error: allow
             return await handler(request)
         reset = math.ceil(quota.reset_after)
@@ -148,17 +152,15 @@ class RateLimitMiddleware:
         )
         return who, quota
 
-    async def _take(self, key: str) -> Quota | None:
-        limit, period = self._config.requests, self._config.per
-        try:
-            return await self._store.take(key, limit=limit, period=period)
-        except StoreUnavailable as exc:
-            self._warn(exc)
-            if self._on_error == "deny":
-                raise Problem(503, "The rate-limit store is unavailable", headers={"Retry-After": "1"}) from None
-            if self._on_error == "local" and self._fallback is not None:
-                return await self._fallback.take(key, limit=limit, period=period)
-            return None
+    async def _unavailable(self, key: str, exc: StoreUnavailable) -> Quota | None:
+        """What ``on_error`` makes of a store that did not answer: a 503, the in-process
+        limiter's answer (``local``), or None (``allow``: the request goes through unlimited)."""
+        self._warn(exc)
+        if self._on_error == "deny":
+            raise Problem(503, "The rate-limit store is unavailable", headers={"Retry-After": "1"}) from None
+        if self._on_error == "local" and self._fallback is not None:
+            return await self._fallback.take(key, limit=self._config.requests, period=self._config.per)
+        return None
 
     def _warn(self, exc: StoreUnavailable) -> None:
         now = self._clock()

@@ -148,13 +148,14 @@ class RedisStore:
         """The Redis key that holds ``key``: ``<namespace>{<key>}``."""
         return f"{self._namespace}{{{key}}}"
 
-    async def take(self, key: str, *, limit: int, period: float, spend: bool = True) -> Quota:
-        return await self._take(key, limit, period, spend=spend)
-
-    async def _take(self, key: str, limit: int, period: float, *now_us: int, spend: bool = True) -> Quota:
-        # now_us: tests only, to replay a sequence of times against the Python arithmetic
-        keys, args = [self.key(key)], [interval_us(limit, period), limit, 1 if spend else 0, *now_us]
-        if self._detach or now_us:
+    async def take(
+        self, key: str, *, limit: int, period: float, spend: bool = True, now_us: int | None = None
+    ) -> Quota:
+        """``now_us`` (tests only) replaces Redis's clock, to replay a sequence of times against
+        the Python arithmetic."""
+        keys, args = [self.key(key)], [interval_us(limit, period), limit, 1 if spend else 0]
+        if self._detach or now_us is not None:
+            args += () if now_us is None else (now_us,)
             result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         else:
             (result,) = await self._batched(("EVALSHA", self._gcra.sha, 1, keys[0], *args))
@@ -298,15 +299,16 @@ class RedisStore:
         (reply,) = await self._batched(raw)
         return reply
 
-    async def _batched(self, *commands: Command) -> list[Any]:
-        """Queue ``commands`` (one request's, run in order) for this turn's batch; their replies,
-        or StoreUnavailable carrying the first error among them."""
+    def _batched(self, *commands: Command) -> asyncio.Future[list[Any]]:
+        """Queue ``commands`` (one request's, run in order) for this turn's batch: a future of
+        their replies, or of StoreUnavailable carrying the first error among them. A future, not
+        a coroutine: awaited directly, it is one frame less for every await of the request."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._batch.append((commands, future))
         if len(self._batch) == 1:  # the first of this turn: send once everyone runnable now has queued
             loop.call_soon(self._send_batch)
-        return await future
+        return future
 
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []

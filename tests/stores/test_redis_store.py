@@ -59,17 +59,17 @@ async def test_same_answers_as_memory(redis_store: RedisStore, seed: int) -> Non
         clock.now = round(clock.now * 1_000_000 + gap) / 1_000_000
         now_us += gap
         expected = await memory.take("rl", limit=limit, period=period)
-        assert await redis_store._take("rl", limit, period, now_us) == expected
+        assert await redis_store.take("rl", limit=limit, period=period, now_us=now_us) == expected
 
 
 async def test_admitted_at_exactly_retry_after(redis_store: RedisStore) -> None:
     now = 1_700_000_000_000_000
     for _ in range(3):
-        rejected = await redis_store._take("rl", 2, 1.0, now)
+        rejected = await redis_store.take("rl", limit=2, period=1.0, now_us=now)
     retry_us = round(rejected.retry_after * 1_000_000)
     assert (rejected.allowed, retry_us) == (False, 500_000)
-    assert not (await redis_store._take("rl", 2, 1.0, now + retry_us - 1)).allowed
-    assert (await redis_store._take("rl", 2, 1.0, now + retry_us)).allowed
+    assert not (await redis_store.take("rl", limit=2, period=1.0, now_us=now + retry_us - 1)).allowed
+    assert (await redis_store.take("rl", limit=2, period=1.0, now_us=now + retry_us)).allowed
 
 
 async def test_script_reloaded_after_flush(redis_server: RedisServer) -> None:
