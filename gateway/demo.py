@@ -23,7 +23,7 @@ from . import reload
 from .admin import create_admin_app
 from .app import create_app
 from .config import ConfigInvalid, GatewayConfig, load_file
-from .server import _loop_factory, configure_logging
+from .server import GatewayRunner, _loop_factory, configure_logging
 from .tokens import mint_token
 
 __all__ = ("DEV_SECRET", "run_demo")
@@ -57,7 +57,9 @@ async def _demo(config: GatewayConfig, config_path: Path, port: int) -> None:
         backends = await _start_backends(config, runners)
         app = create_app(config)
         reload.install(app, config_path)  # edit routes.yaml while the demo runs: it is picked up
-        gateway = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        # the production runner: its protocol (header and body timeouts, the hit lane, problems
+        # for what aiohttp's router cannot route), as `gateway run` serves
+        gateway = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await gateway.setup()
         runners.append(gateway)
         await web.TCPSite(gateway, config.listen.host, port).start()

@@ -273,9 +273,11 @@ class GatewayProtocol(RequestHandler):
         no path) got aiohttp's plain-text error without reaching the gateway's app-wide chain;
         it is answered as a problem here, and logged."""
         if isinstance(resp, web.HTTPException) and isinstance(getattr(request, "match_info", None), MatchInfoError):
-            target = request.raw_path[:200]
-            logger.warning("refused %s %s: no path to route (%d)", request.method, target, resp.status)
-            resp = problem_response(Problem(resp.status, f"{request.method} {target} has no path to route"), None)
+            target, request_id = request.raw_path[:200], new_request_id()
+            logger.warning("refused %s %s: no path to route (%d, request %s)", request.method, target, resp.status,
+                           request_id)  # fmt: skip
+            resp = problem_response(Problem(resp.status, f"{request.method} {target} has no path to route"), request_id)
+            resp.headers["X-Request-ID"] = request_id
         try:
             return await super().finish_response(request, resp, start_time)
         finally:

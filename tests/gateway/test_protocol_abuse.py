@@ -113,10 +113,15 @@ async def test_a_connect_target_is_refused_with_a_problem_and_a_log_line(
     request = b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n"
     with caplog.at_level(logging.WARNING, logger="gateway"):
         answer = await _exchange(gateway.port, request)
-    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    head, _, raw = answer.partition(b"\r\n\r\n")
+    body = json.loads(raw)
     assert body["status"] == 404
     assert body["detail"] == "CONNECT evil.example:443 has no path to route"
-    assert any("refused CONNECT evil.example:443" in r.getMessage() for r in caplog.records)
+    assert f"X-Request-ID: {body['request_id']}".encode() in head
+    assert any(
+        "refused CONNECT evil.example:443" in r.getMessage() and body["request_id"] in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_body_over_max_body_is_413_and_the_upstream_never_sees_it(
