@@ -154,8 +154,9 @@ class RedisStore:
         """``now_us`` (tests only) replaces Redis's clock, to replay a sequence of times against
         the Python arithmetic."""
         keys, args = [self.key(key)], [interval_us(limit, period), limit, 1 if spend else 0]
+        if now_us is not None:
+            args.append(now_us)
         if self._detach or now_us is not None:
-            args += () if now_us is None else (now_us,)
             result = await self._edge("take", lambda client: self._gcra(keys=keys, args=args, client=client))
         else:
             (result,) = await self._batched(("EVALSHA", self._gcra.sha, 1, keys[0], *args))
