@@ -50,6 +50,7 @@ from .app import CONFIG, HIT_LANE, ROUTES, create_app
 from .config import GatewayConfig, Limits
 from .hit_lane import HitLane
 from .metrics import Metrics, enable_multiprocess, forget_process
+from .response_writer import write_whole
 
 __all__ = ("GatewayProtocol", "GatewayRunner", "configure_logging", "serve")
 
@@ -271,7 +272,11 @@ class GatewayProtocol(RequestHandler):
 
         A request aiohttp's router could not even walk (an authority-form ``CONNECT`` target:
         no path) got aiohttp's plain-text error without reaching the gateway's app-wide chain;
-        it is answered as a problem here, and logged."""
+        it is answered as a problem here, and logged.
+
+        A plain ``web.Response`` (most answers) is written by
+        :func:`~gateway.response_writer.write_whole` when it can, in one step, instead of
+        through aiohttp's response machinery; the same bytes either way."""
         if isinstance(resp, web.HTTPException) and isinstance(getattr(request, "match_info", None), MatchInfoError):
             target, request_id = request.raw_path[:200], new_request_id()
             logger.warning("refused %s %s: no path to route (%d, request %s)", request.method, target, resp.status,
@@ -279,6 +284,16 @@ class GatewayProtocol(RequestHandler):
             resp = problem_response(Problem(resp.status, f"{request.method} {target} has no path to route"), request_id)
             resp.headers["X-Request-ID"] = request_id
         try:
+            if type(resp) is web.Response and not self._upgraded:  # most answers: written in one step
+                try:
+                    written = await write_whole(self, request, resp)
+                except ConnectionError:  # the client went away: as aiohttp's finish_response
+                    self.log_access(request, resp, start_time)
+                    return resp, True
+                if written:
+                    request._finish()
+                    self.log_access(request, resp, start_time)
+                    return resp, False
             return await super().finish_response(request, resp, start_time)
         finally:
             request._state.clear()  # the middlewares' per-request state (outcome, ids, pending headers)
