@@ -20,9 +20,10 @@ the body as it came.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -67,9 +68,30 @@ class Keys:
         return self.prefix + "t:" + _digest(tag)
 
     @staticmethod
-    def digest(generations: Sequence[bytes | None], url: str, subject: str | None, varying: Sequence[str]) -> str:
-        gens = [(g or b"0").decode() for g in generations]
-        return _digest(*gens, url, "" if subject is None else "sub:" + subject, orjson.dumps(varying).decode())
+    def digest(generations: Sequence[bytes | None], url: str, subject: str | None, values: Sequence[str]) -> str:
+        """An entry's digest: both generations, the URL, the subject and the keyed request values,
+        as one JSON array (unambiguous whatever the values hold) under SHA-256."""
+        service_gen, path_gen = generations
+        inputs = ((service_gen or b"0").decode(), (path_gen or b"0").decode(), url, subject, values)
+        return hashlib.sha256(_dumps(inputs)).hexdigest()[:40]
+
+
+def _dumps(value: object) -> bytes:
+    """``value`` as JSON. A header byte that is not UTF-8 reaches us as a lone surrogate (aiohttp
+    and the upstream client decode with ``surrogateescape``); orjson refuses those, so such a
+    value goes through the standard library's encoder, which escapes them (``"\\udcff"``)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> Any:
+    """The value :func:`_dumps` made (orjson refuses the escaped surrogates it may hold)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def cache_control(values: Iterable[str]) -> dict[str, str]:
@@ -130,7 +152,7 @@ class Entry(NamedTuple):
         return max(0.0, now - self.stored) + self.age
 
     def encode(self) -> bytes:
-        meta = orjson.dumps(
+        meta = _dumps(
             {
                 "s": self.status,
                 "r": self.reason,
@@ -151,7 +173,7 @@ class Entry(NamedTuple):
             return None
         (length,) = _LENGTH.unpack_from(data, 4)
         try:
-            meta = orjson.loads(data[8 : 8 + length])
+            meta = _loads(data[8 : 8 + length])
             return cls(
                 status=int(meta["s"]),
                 reason=str(meta["r"]),

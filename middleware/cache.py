@@ -247,6 +247,7 @@ class CacheMiddleware:
         self._entries = DecodedEntries()
         self._reads_now = store if isinstance(store, ReadsNow) else None  # the memory store: fresh_hit
         self._lookup_keys: Recent[str, tuple[str, str, str]] = Recent()  # URL -> the keys its lookup reads
+        self._path_keys: Recent[str, str] = Recent()  # path -> its generation's key
         self._digests: Recent[tuple[object, ...], str] = Recent()  # a lookup's inputs -> its entry digest
         # what lookups read last, to guess the entry key they will read next (see _lookup)
         self._service_generation: bytes | None = None
@@ -332,9 +333,13 @@ class CacheMiddleware:
     def _lookup_keys_of(self, path: str, url: str) -> tuple[str, str, str]:
         """The keys a lookup of ``url`` reads first: both generations and the URL's Vary names."""
         lookup_keys = self._lookup_keys.get(url)
-        if lookup_keys is None:  # two digests per URL, remembered for recent (short) URLs
+        if lookup_keys is None:  # two digests per URL, remembered for recent (short) URLs and paths
             keys = self._keys
-            lookup_keys = (keys.generation, keys.path_generation(path), keys.vary(url))
+            path_key = self._path_keys.get(path)
+            if path_key is None:  # the URLs of one path (its queries) share this one
+                path_key = keys.path_generation(path)
+                self._path_keys.keep(path, path_key, len(path))
+            lookup_keys = (keys.generation, path_key, keys.vary(url))
             self._lookup_keys.keep(url, lookup_keys, len(url))
         return lookup_keys
 

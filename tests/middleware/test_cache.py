@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,6 +21,7 @@ from multidict import CIMultiDict
 
 from gateway.config import StoreConfig
 from gateway.stores import MemoryStore, open_store
+from middleware._cache_key import Entry, Keys
 from middleware.base import BODY_TAP, OUTCOME, AddToSet, Change, Handler, Put, Remove, Store
 from middleware.cache import CacheConfig, CacheMiddleware, purge
 from middleware.schema import ConfigError, Section
@@ -471,3 +473,18 @@ async def test_store_down_bypasses_and_never_fails(make_client: MakeClient, cloc
         assert upstream.hits["/a"] == 3
     finally:
         await dead.aclose()
+
+
+# -- header bytes that are not UTF-8 (lone surrogates from surrogateescape) ----------------------
+
+
+def test_an_entry_with_a_field_that_is_not_utf8_decodes_to_what_was_encoded() -> None:
+    entry = Entry(
+        status=200, reason="OK", headers=[("X-Odd", "caf\udce9")], body=b"ok", stored=1.0, age=0.0, fresh=30, stale=0
+    )
+    assert Entry.decode(entry.encode()) == entry
+
+
+def test_keyed_values_that_differ_only_in_a_byte_that_is_not_utf8_have_different_digests() -> None:
+    digest = functools.partial(Keys.digest, [b"1", None], "/a", None)
+    assert digest(["http", "host:gw\udcff"]) != digest(["http", "host:gw\udcfe"]) != digest(["http", "host:gw"])
