@@ -38,7 +38,6 @@ from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooL
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
-from aiohttp.web_urldispatcher import MatchInfoError
 
 from middleware.problem import PROBLEM_JSON, Problem, problem_body, problem_response
 from middleware.request_id import new_request_id
@@ -46,7 +45,7 @@ from middleware.request_id import new_request_id
 from . import __version__, reload
 from .access_log import LineBatcher
 from .admin import AdminState, create_admin_app
-from .app import CONFIG, HIT_LANE, ROUTES, create_app
+from .app import CONFIG, HANDLER, HIT_LANE, ROUTES, create_app
 from .config import GatewayConfig, Limits
 from .hit_lane import HitLane
 from .metrics import Metrics, enable_multiprocess, forget_process
@@ -270,19 +269,9 @@ class GatewayProtocol(RequestHandler):
         measured with tracemalloc over 1,000 idle connections; more with large cookies). The
         attributes are aiohttp 3.14's; tests/gateway/test_idle_connections.py notices a change.
 
-        A request aiohttp's router could not even walk (an authority-form ``CONNECT`` target:
-        no path) got aiohttp's plain-text error without reaching the gateway's app-wide chain;
-        it is answered as a problem here, and logged.
-
         A plain ``web.Response`` (most answers) is written by
         :func:`~gateway.response_writer.write_whole` when it can, in one step, instead of
         through aiohttp's response machinery; the same bytes either way."""
-        if isinstance(resp, web.HTTPException) and isinstance(getattr(request, "match_info", None), MatchInfoError):
-            target, request_id = request.raw_path[:200], new_request_id()
-            logger.warning("refused %s %s: no path to route (%d, request %s)", request.method, target, resp.status,
-                           request_id)  # fmt: skip
-            resp = problem_response(Problem(resp.status, f"{request.method} {target} has no path to route"), request_id)
-            resp.headers["X-Request-ID"] = request_id
         try:
             if type(resp) is web.Response and not self._upgraded:  # most answers: written in one step
                 try:
@@ -438,7 +427,7 @@ class _GatewayServer(web.Server):
         self, base: web.Server, app: web.Application, limits: Callable[[], Limits], lane: HitLane | None
     ) -> None:
         super().__init__(
-            base.request_handler,
+            app.get(HANDLER, base.request_handler),
             request_factory=functools.partial(app._make_request, _cls=GatewayRequest),
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
