@@ -72,7 +72,6 @@ KEYS = web.AppKey("keys", KeySource)
 STORE = web.AppKey("store", Store)
 HIT_LANE = web.AppKey("hit_lane", HitLane)
 ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-HANDLER: web.AppKey[ServerHandler] = web.AppKey("handler")  # the server's request handler (EveryPath.handler_for)
 
 
 def create_app(
@@ -99,10 +98,17 @@ def create_app(
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
     # every path, even one with an encoded newline
-    every_path = EveryPath(_app_wide(requests, ProblemMiddleware()))
-    app.router.register_resource(every_path)
-    app[HANDLER] = every_path.handler_for(app)
+    app.router.register_resource(EveryPath(_app_wide(requests, ProblemMiddleware())))
     return app
+
+
+def request_handler(app: web.Application) -> ServerHandler | None:
+    """The handler the server gives ``app``'s requests to: its :class:`EveryPath`'s
+    (:meth:`EveryPath.handler_for`), or None when ``app`` is not a gateway app."""
+    for resource in app.router.resources():
+        if isinstance(resource, EveryPath):
+            return resource.handler_for(app)
+    return None
 
 
 class EveryPath(web_urldispatcher.AbstractResource):

@@ -45,7 +45,7 @@ from middleware.request_id import new_request_id
 from . import __version__, reload
 from .access_log import LineBatcher
 from .admin import AdminState, create_admin_app
-from .app import CONFIG, HANDLER, HIT_LANE, ROUTES, create_app
+from .app import CONFIG, HIT_LANE, ROUTES, create_app, request_handler
 from .config import GatewayConfig, Limits
 from .hit_lane import HitLane
 from .metrics import Metrics, enable_multiprocess, forget_process
@@ -427,7 +427,7 @@ class _GatewayServer(web.Server):
         self, base: web.Server, app: web.Application, limits: Callable[[], Limits], lane: HitLane | None
     ) -> None:
         super().__init__(
-            app.get(HANDLER, base.request_handler),
+            request_handler(app) or base.request_handler,  # made here, once the app is frozen
             request_factory=functools.partial(app._make_request, _cls=GatewayRequest),
             handler_cancellation=base.handler_cancellation,
             loop=base._loop,
