@@ -57,8 +57,8 @@ async def _demo(config: GatewayConfig, config_path: Path, port: int) -> None:
         backends = await _start_backends(config, runners)
         app = create_app(config)
         reload.install(app, config_path)  # edit routes.yaml while the demo runs: it is picked up
-        # the production runner: its protocol (header and body timeouts, the hit lane, problems
-        # for what aiohttp's router cannot route), as `gateway run` serves
+        # the production runner: its protocol (header and body timeouts, 414/431 problems, the
+        # hit lane, whole responses in one write) and request handler, as `gateway run` serves
         gateway = GatewayRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         await gateway.setup()
         runners.append(gateway)

@@ -30,11 +30,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.http_writer import _serialize_headers
+from multidict import CIMultiDict
 
 from middleware.base import Outcome, Recent
 from middleware.problem import Problem
 from middleware.request_id import FORWARDED_FOR, REQUEST_ID_HEADER, RequestIdMiddleware
+
+from .response_writer import add_default_fields
 
 if TYPE_CHECKING:
     from middleware._cache_key import Entry
@@ -152,27 +156,19 @@ def render_head(entry: Entry) -> bytes | None:
     ``entry`` on a kept-alive HTTP/1.1 GET, up to the fields set per hit; None for an entry whose
     head depends on more than that (it is then replayed the full way).
 
-    aiohttp keeps the stored fields in order, adds ``Content-Length`` when the entry has none,
-    ``Content-Type: application/octet-stream`` when there is a body without a type, and its
-    ``Server`` when the upstream sent none (``web_response.py``, ``_start`` and ``_prepare_headers``).
+    aiohttp keeps the stored fields in order and adds its own
+    (:func:`~gateway.response_writer.add_default_fields`, as for the full chain's answer), and the
+    fields go through aiohttp's own serialiser, as the full chain's do.
     """
     if entry.status in _BODYLESS or entry.status < 200 or not entry.reason:
         return None
-    names = [name.lower() for name, _ in entry.headers]
-    if _SET_ON_HIT.intersection(names) or "date" not in names:
-        return None  # without a Date aiohttp adds the current one: left to it
-    lines = [f"HTTP/1.1 {entry.status} {entry.reason}"]
-    lines += [f"{name}: {value}" for name, value in entry.headers]
-    lengths = [value for name, value in entry.headers if name.lower() == "content-length"]
-    if not lengths:
-        lines.append(f"Content-Length: {len(entry.body)}")
-    elif lengths != [str(len(entry.body))]:
+    headers = CIMultiDict(entry.headers)
+    if any(name in headers for name in _SET_ON_HIT):
         return None
-    if "content-type" not in names and entry.body:
-        lines.append("Content-Type: application/octet-stream")
-    if "server" not in names:
-        lines.append(f"Server: {SERVER_SOFTWARE}")
-    text = "\r\n".join(lines) + "\r\n"
-    if not text.isascii() or text.count("\r") != len(lines) or text.count("\n") != len(lines):
-        return None  # a field aiohttp would refuse or encode its own way (a stray CR or LF, non-ASCII)
-    return text.encode("ascii")
+    if not add_default_fields(headers, entry.body, date=None):
+        return None  # no Date (aiohttp would add the current one), or a Content-Length not the body's
+    try:
+        head = _serialize_headers(f"HTTP/1.1 {entry.status} {entry.reason}", headers)
+    except ValueError:
+        return None  # a field aiohttp refuses (a CR or LF in it): the full way answers as aiohttp does
+    return head[:-2]  # without the blank line: the fields of the hit follow

@@ -17,15 +17,17 @@ set through ``set_cookie``, no compression, no chunking, no ``Connection`` or
 none. Anything else returns False, having changed nothing, and aiohttp's own way sends it.
 
 What it copies from aiohttp 3.14 (``web_response.py``: ``Response._start``,
-``StreamResponse._start`` and ``_prepare_headers``; ``http_writer.py``): ``Content-Length`` added
-when missing, ``Content-Type: application/octet-stream`` when a body has no type, ``Date`` and
-``Server`` when missing, then the ``on_response_prepare`` signal (the pending headers of the
-middlewares), then the fields serialised by aiohttp's own serialiser (which refuses a CR or LF in
-a field, as on aiohttp's way) and written with the body. ``tests/gateway/test_response_writer.py``
+``StreamResponse._start`` and ``_prepare_headers``; ``http_writer.py``): the fields aiohttp adds
+(:func:`add_default_fields`, which the hit lane's heads use too), then the
+``on_response_prepare`` signal (the pending headers of the middlewares), then the fields
+serialised by aiohttp's own serialiser (which refuses a CR or LF in a field, as on aiohttp's
+way) and written with the body. ``tests/gateway/test_response_writer.py``
 compares both ways byte for byte, so an aiohttp that changes what it writes is noticed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
 from aiohttp.helpers import rfc822_formatted_time
@@ -33,11 +35,31 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
 
-__all__ = ("write_whole",)
+__all__ = ("add_default_fields", "write_whole")
 
 _NOT_WRITTEN_WHOLE = frozenset({hdrs.METH_HEAD, hdrs.METH_CONNECT})  # no body, or a tunnel
 _BODYLESS_STATUS = frozenset({204, 304})
+
+
+def add_default_fields(headers: CIMultiDict[str], body: bytes, *, date: Callable[[], str] | None) -> bool:
+    """Add to the fields of a whole response what aiohttp adds before sending it, in its order:
+    ``Content-Length`` when missing, ``Content-Type: application/octet-stream`` when a body has no
+    type, ``Date`` (``date()``), ``Server``. False, with nothing added, when a ``Content-Length``
+    is not the body's (aiohttp would cut the body at it, or leave the client waiting), or when
+    ``Date`` is missing and ``date`` is None (the hit lane: a head it keeps must not hold a date)."""
+    lengths = headers.getall(hdrs.CONTENT_LENGTH, None)
+    if (lengths is not None and lengths != [str(len(body))]) or (date is None and hdrs.DATE not in headers):
+        return False
+    if lengths is None:
+        headers[hdrs.CONTENT_LENGTH] = str(len(body))
+    if body:
+        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+    if date is not None and hdrs.DATE not in headers:
+        headers[hdrs.DATE] = date()
+    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    return True
 
 
 async def write_whole(protocol: RequestHandler, request: BaseRequest, response: web.Response) -> bool:
@@ -63,16 +85,8 @@ async def write_whole(protocol: RequestHandler, request: BaseRequest, response: 
     headers = response._headers
     if hdrs.CONNECTION in headers or hdrs.TRANSFER_ENCODING in headers:
         return False
-    length = headers.get(hdrs.CONTENT_LENGTH)
-    if length is None:
-        headers[hdrs.CONTENT_LENGTH] = str(len(body))
-    elif length != str(len(body)):
-        return False  # aiohttp would cut the body at the stated length, or leave the client waiting
-    if body:
-        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    if hdrs.DATE not in headers:
-        headers[hdrs.DATE] = rfc822_formatted_time()
-    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    if not add_default_fields(headers, body, date=rfc822_formatted_time):
+        return False
     response._keep_alive = True
     response._req = request
     await request._prepare_hook(response)  # on_response_prepare: the middlewares' pending headers
