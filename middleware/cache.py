@@ -47,7 +47,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -144,38 +144,60 @@ class _Lookup:
     digest: str
     entry: Entry | None
     lock: str | None = None  # the fill lock this request holds, until it is released
+    fwd: str = "fwd=miss"  # the Cache-Status fwd= parameter, should it go upstream
 
 
-@dataclass(slots=True)
 class _Capture:
     """The cache's :class:`~middleware.base.BodyTap`: keeps the response while it fits and may be stored."""
 
-    config: CacheConfig
-    request: web.Request | None  # None when detached: no client to tell what happened
-    detached: bool = False
-    status: int = 0
-    reason: str = ""
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-    storable: bool = False
-    complete: bool = False
+    __slots__ = (
+        "chunks",
+        "complete",
+        "config",
+        "detached",
+        "directives",
+        "fields",
+        "fresh",
+        "fwd",
+        "headers",
+        "reason",
+        "request",
+        "size",
+        "status",
+        "storable",
+        "varying",
+    )
+
     # set by start(), which reads the headers once for _not_storable and for the entry
-    fields: CIMultiDict[str] = field(init=False)
-    directives: dict[str, str] = field(init=False)  # Cache-Control
-    varying: list[str] | None = field(init=False)  # Vary (None: Vary: *)
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    fields: CIMultiDict[str]
+    directives: dict[str, str]  # Cache-Control
+    varying: list[str] | None  # Vary (None: Vary: *)
+    fresh: float  # seconds it is fresh (s-maxage, max-age or the configured ttl)
+
+    def __init__(self, config: CacheConfig, request: web.Request | None, fwd: str = "fwd=miss") -> None:
+        self.config = config
+        self.request = request  # None when detached (a background refresh): no client to tell
+        self.detached = request is None
+        self.fwd = fwd  # the Cache-Status fwd= parameter the client is told
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.storable = False
+        self.complete = False
 
     def start(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bool:
         self.status, self.reason, self.headers = status, reason, list(headers)
         self.fields = fields = CIMultiDict(headers)
-        self.directives = cache_control(fields.getall(hdrs.CACHE_CONTROL, ()))
+        self.directives = directives = cache_control(fields.getall(hdrs.CACHE_CONTROL, ()))
         self.varying = vary_of(fields.getall(hdrs.VARY)) if hdrs.VARY in fields else []
+        self.fresh = freshness(directives, self.config.ttl)
         why = _not_storable(self)
         self.storable = why is None
         if self.request is not None:
-            status_field = self.request.get(_FWD, "fwd=miss")
             detail = "; stored" if why is None else f"; detail={why}"
-            add_response_headers(self.request, {CACHE_STATUS: f"{_NAME}; {status_field}{detail}"})
+            add_response_headers(self.request, {CACHE_STATUS: f"{_NAME}; {self.fwd}{detail}"})
         return self.storable
 
     def feed(self, chunk: bytes) -> bool:
@@ -192,18 +214,16 @@ class _Capture:
         self.complete = complete
 
 
-_FWD = web.RequestKey("cache_fwd", str)  # the Cache-Status fwd= of a request that goes upstream
-
-
 def _not_storable(response: _Capture) -> str | None:
     """Why a captured response may not be stored (a Cache-Status detail), or None when it may."""
     config = response.config
     if response.status not in config.statuses:
         return "status"
     directives = response.directives
-    for name in _NEVER_STORED:
-        if name in directives:
-            return name
+    if directives:
+        for name in _NEVER_STORED:
+            if name in directives:
+                return name
     headers = response.fields
     if hdrs.SET_COOKIE in headers:
         return "set-cookie"
@@ -212,7 +232,7 @@ def _not_storable(response: _Capture) -> str | None:
     length = headers.get(hdrs.CONTENT_LENGTH, "")
     if length.isdigit() and int(length) > config.max_entry:
         return "too-large"
-    if freshness(directives, config.ttl) <= 0 and not (config.stale_while_revalidate or config.stale_if_error):
+    if response.fresh <= 0 and not (config.stale_while_revalidate or config.stale_if_error):
         return "max-age-0"
     return None
 
@@ -260,12 +280,13 @@ class CacheMiddleware:
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
             return await self._unsafe(request, handler)
-        if hdrs.UPGRADE in request.headers:  # a WebSocket handshake is never an entry
+        headers = request.headers
+        if hdrs.UPGRADE in headers:  # a WebSocket handshake is never an entry
             return await handler(request)
         claims = request.get(CLAIMS)
-        if hdrs.AUTHORIZATION in request.headers and claims is None and not self._config.shared:
+        if hdrs.AUTHORIZATION in headers and claims is None and not self._config.shared:
             return await self._bypass(request, handler, "authorization")
-        directives = cache_control(request.headers.getall(hdrs.CACHE_CONTROL, ()))
+        directives = cache_control(headers.getall(hdrs.CACHE_CONTROL)) if hdrs.CACHE_CONTROL in headers else {}
         if "no-store" in directives:
             return await self._bypass(request, handler, "no-store")
         subject = None if self._config.shared or claims is None else _subject(claims)
@@ -277,7 +298,7 @@ class CacheMiddleware:
             logger.debug("cache store unavailable: %s", exc)
             return await self._bypass(request, handler, "store-unavailable")
         if revalidate:
-            request[_FWD] = "fwd=request"
+            lookup.fwd = "fwd=request"
             return await self._fetch(request, handler, lookup)
         entry = lookup.entry
         if entry is not None:
@@ -290,7 +311,7 @@ class CacheMiddleware:
                 return self._replay(request, entry, "STALE", f"hit; ttl={-math.ceil(late)}; detail=revalidating")
             if late < self._config.stale_if_error:
                 return await self._fetch_or_stale(request, handler, lookup, entry)
-            request[_FWD] = "fwd=stale"
+            lookup.fwd = "fwd=stale"
         return await self._miss(request, handler, lookup)
 
     # -- lookups -------------------------------------------------------------------------
@@ -362,10 +383,12 @@ class CacheMiddleware:
         varying: list[str],
     ) -> str:
         values = [scheme]
-        for names in (_KEYED, varying):
-            for name in names:
-                found = headers.getall(name, None)
-                values.append(f"{name}:" if found is None else f"{name}:{', '.join(found)}")
+        for name in _KEYED:  # only Host, as a rule: the others are left out when absent
+            if name in headers:
+                values.append(f"{name}:{', '.join(headers.getall(name))}")
+        for name in varying:
+            found = headers.getall(name, None)
+            values.append(f"{name}:" if found is None else f"{name}:{', '.join(found)}")
         # the same inputs give the same digest: remembered for recent ones (a hash of the inputs
         # instead of a SHA-256 of them, on every hit)
         inputs = (*generations, url, subject, *values)
@@ -544,11 +567,10 @@ class CacheMiddleware:
         future: asyncio.Future[_Filled | None] | None = None,
     ) -> web.StreamResponse:
         """Go upstream; a GET response is captured while it streams, and stored if it may be."""
-        status_field = request.get(_FWD, "fwd=miss")
-        self._tell(request, "MISS", status_field)
+        self._tell(request, "MISS", lookup.fwd)
         if request.method != hdrs.METH_GET:
             return await handler(request)
-        tap = _Capture(self._config, request)
+        tap = _Capture(self._config, request, lookup.fwd)
         request[BODY_TAP] = tap
         response = await handler(request)
         filled = await self._keep(request, lookup, tap)
@@ -560,7 +582,7 @@ class CacheMiddleware:
         self, request: web.Request, handler: Handler, lookup: _Lookup, stale: Entry
     ) -> web.StreamResponse:
         """stale_if_error: the upstream's answer, unless it fails; then the stale entry."""
-        request[_FWD] = "fwd=stale"
+        lookup.fwd = "fwd=stale"
         try:
             response = await self._miss(request, handler, lookup)
         except Problem as problem:
@@ -579,7 +601,7 @@ class CacheMiddleware:
         digest (its key for ``request``, which the misses waiting for it compare theirs with), or None."""
         if not (tap.storable and tap.complete):
             return None
-        headers, directives = tap.fields, tap.directives
+        headers = tap.fields
         age = headers.get(hdrs.AGE)  # the fields below are rarely there: looked for before they are parsed
         entry = Entry(
             status=tap.status,
@@ -588,7 +610,7 @@ class CacheMiddleware:
             body=b"".join(tap.chunks),
             stored=self._clock(),
             age=float(age) if age is not None and age.isdigit() else 0.0,
-            fresh=freshness(directives, self._config.ttl),
+            fresh=tap.fresh,
             stale=self._stale,
             tags=tuple(tags_of(headers.getall(CACHE_TAG))) if CACHE_TAG in headers else (),
         )
@@ -624,7 +646,7 @@ class CacheMiddleware:
         copy = request.clone(method=hdrs.METH_GET, remote=request.remote or "unknown")  # a HEAD refreshes too
         outcome = request[OUTCOME]
         copy[OUTCOME] = Outcome(service=outcome.service, route=outcome.route, sub=outcome.sub)
-        tap = _Capture(self._config, None, detached=True)
+        tap = _Capture(self._config, None)
         copy[BODY_TAP] = tap
         task = asyncio.create_task(self._refresh_in_background(copy, handler, lookup, tap))
         self._tasks.add(task)
