@@ -334,6 +334,17 @@ async def test_stale_if_error_on_5xx_and_when_the_backend_is_gone(
     assert "fwd-status=502" in headers["Cache-Status"]
 
 
+async def test_a_stale_entry_the_upstream_answers_for_again_is_a_miss_that_says_stale(
+    gateway: Gateway, name: str, hits: CacheBackend
+) -> None:
+    client = await gateway("{ttl: 30s, stale_if_error: 30s}")
+    url = f"/api/{name}/sa?cc=max-age=1&age=2"  # stale as soon as it is stored
+    await fetch(client, url)
+    status, headers, body = await fetch(client, url)
+    assert (status, headers["X-Cache"], body.split(b" ")[0]) == (200, "MISS", b"/sa#2")
+    assert headers["Cache-Status"] == "gateway; fwd=stale; stored"
+
+
 async def test_without_stale_if_error_the_error_passes(gateway: Gateway, name: str, hits: CacheBackend) -> None:
     client = await gateway("{ttl: 30s, stale_while_revalidate: 0s}")
     url = f"/api/{name}/e?cc=max-age=1&age=2"
