@@ -23,7 +23,7 @@ from . import reload
 from .admin import create_admin_app
 from .app import create_app
 from .config import ConfigInvalid, GatewayConfig, load_file
-from .server import GatewayRunner, _loop_factory, configure_logging
+from .server import GatewayRunner, _loop_factory, configure_logging, tune_gc
 from .tokens import mint_token
 
 __all__ = ("DEV_SECRET", "run_demo")
@@ -71,6 +71,7 @@ async def _demo(config: GatewayConfig, config_path: Path, port: int) -> None:
             await web.TCPSite(admin, config.admin.host, config.admin.port).start()
             admin_url = f"http://{config.admin.host}:{config.admin.port}"
         host = "127.0.0.1" if config.listen.host in ("0.0.0.0", "::") else config.listen.host
+        tune_gc()  # as `gateway run` does once serving
         print(_instructions(config, f"http://{host}:{port}", backends, admin_url), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
