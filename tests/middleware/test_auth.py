@@ -405,6 +405,40 @@ async def test_malformed_token_is_401_never_500(auth_client: AuthClient, token: 
     assert response.headers["WWW-Authenticate"].startswith(f'{CHALLENGE}, error="invalid_token", error_description="')
 
 
+def _signed_segments(header_segment: str, payload: dict[str, Any]) -> str:
+    """An HS256 token signed over ``header_segment`` exactly as given (padding, junk and all)."""
+    signing_input = f"{header_segment}.{b64(payload)}"
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+async def test_header_with_base64_padding_still_verifies(auth_client: AuthClient) -> None:
+    # some issuers (AWS ALB) keep the '=' padding; pyjwt accepts it, and so must the key lookup
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256"}).encode()).decode()
+    assert header.endswith("=")
+    client = await auth_client()
+    response = await client.get("/", headers=bearer(_signed_segments(header, claims())))
+    assert response.status == 200
+
+
+async def test_header_with_characters_outside_base64url_is_malformed_even_when_signed(
+    auth_client: AuthClient,
+) -> None:
+    # a lenient base64 decoder skips the '!' and would read a good header; the token is refused
+    header = b64({"alg": "HS256"})
+    client = await auth_client()
+    response = await client.get("/", headers=bearer(_signed_segments(header[:4] + "!" + header[4:], claims())))
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == invalid("the token is malformed")
+
+
+async def test_header_kid_that_is_not_a_string_is_invalid(auth_client: AuthClient) -> None:
+    client = await auth_client()
+    response = await client.get("/", headers=bearer(hs256_raw({"alg": "HS256", "kid": 7}, claims())))
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == invalid("the token is invalid")
+
+
 async def test_100kb_token_is_401(auth_client: AuthClient) -> None:
     client = await auth_client(roomy=True)
     token = sign(claims(padding="p" * 100_000))
