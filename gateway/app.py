@@ -18,7 +18,7 @@ from aiohttp import hdrs, web, web_urldispatcher
 from yarl import URL
 
 from middleware import base
-from middleware.auth import KeySource, VerifiedTokens, claim_header_names, claim_headers
+from middleware.auth import KeySource, RejectedTokens, VerifiedTokens, claim_header_names, claim_headers
 from middleware.base import OUTCOME, Handler, Store, StoreUnavailable
 from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware
@@ -281,6 +281,7 @@ def build_routes(
         jwt=jwt,
         keys=keys,
         verified=VerifiedTokens(jwt.verify_cache) if jwt and jwt.verify_cache > 0 else None,
+        rejected=RejectedTokens(jwt.verify_cache) if jwt and jwt.verify_cache > 0 else None,
         store=app[STORE],
         on_error=on_error,
         local_store=MemoryStore(config.store.max_memory) if on_error == "local" else None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource, VerifiedTokens
+from middleware.auth import AuthMode, JwtAuthMiddleware, JwtSettings, KeySource, RejectedTokens, VerifiedTokens
 from middleware.base import Handler, Middleware, Store
 from middleware.cache import CacheMiddleware
 from middleware.rate_limit import RateLimitMiddleware
@@ -41,6 +41,7 @@ class ChainDeps:
     jwt: JwtSettings | None
     keys: KeySource | None  # verification keys (static or JWKS), when jwt: is configured
     verified: VerifiedTokens | None  # one verified-token cache for every route of the config (jwt.verify_cache)
+    rejected: RejectedTokens | None  # and one of the tokens that failed for good
     store: Store  # rate-limit budgets and cache entries (memory or Redis)
     on_error: str  # store.on_error: allow | deny | local
     local_store: Store | None  # the in-process fallback when on_error is local
@@ -82,6 +83,7 @@ def build_route_chain(route: Route, deps: ChainDeps) -> RouteChain:
                 keys=deps.keys,
                 websocket=route.websocket is not None,
                 verified=deps.verified,
+                rejected=deps.rejected,
             )
         )
     if route.rate_limit is not None:

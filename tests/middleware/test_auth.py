@@ -31,6 +31,8 @@ from middleware.auth import (
     JwtAuthMiddleware,
     JwtSettings,
     KeySource,
+    Rejected,
+    RejectedTokens,
     Verified,
     VerifiedTokens,
     claim_header_names,
@@ -1017,3 +1019,103 @@ def test_claim_headers_without_verified_claims_are_empty() -> None:
 
 def test_claim_header_names_are_the_configured_headers() -> None:
     assert claim_header_names(CLAIM_SETTINGS) == ("X-User-Id", "X-User-Scopes", "X-Tenant", "X-Roles")
+
+
+# -- the rejected-token memory ----------------------------------------------------------------------------
+
+
+def test_rejected_entry_lives_at_most_max_age() -> None:
+    clock = FakeClock()
+    rejected = RejectedTokens(8, max_age=60.0, clock=clock)
+    rejected.put("t", Rejected("the token has expired"))
+    clock.now = 1059.9
+    assert rejected.get("t") == Rejected("the token has expired")
+    clock.now = 1060.0
+    assert rejected.get("t") is None
+    assert len(rejected) == 0
+
+
+def test_rejected_tokens_are_bounded_and_evict_the_least_recently_used() -> None:
+    rejected = RejectedTokens(3, clock=FakeClock())
+    for name in ("a", "b", "c"):
+        rejected.put(name, Rejected(name))
+    assert rejected.get("a") is not None  # a is now the most recently used
+    rejected.put("d", Rejected("d"))
+    rejected.put("e", Rejected("e"))
+    assert len(rejected) == 3
+    assert [name for name in "abcde" if rejected.get(name) is not None] == ["a", "d", "e"]
+
+
+def test_rejected_tokens_skip_very_long_tokens() -> None:
+    rejected = RejectedTokens(8, clock=FakeClock())
+    rejected.put("x" * 5000, Rejected("the token is malformed"))
+    assert len(rejected) == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "description"),
+    [
+        pytest.param(lambda: sign(claims(exp=int(time.time()) - 60)), "the token has expired", id="expired"),
+        pytest.param(
+            lambda: sign(claims(), key=_other_secret()), "the token signature does not verify", id="bad signature"
+        ),
+        pytest.param(lambda: hs256_raw({"alg": "HS256"}, b"not json"), "the token is malformed", id="payload not json"),
+    ],
+)
+async def test_a_token_that_failed_for_good_is_checked_once_and_refused_the_same_way_again(
+    auth_client: AuthClient, decodes: Decodes, token: Callable[[], str], description: str
+) -> None:
+    client = await auth_client()
+    bad = token()
+    for _ in range(3):
+        response = await client.get("/", headers=bearer(bad))
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == invalid(description)
+        assert (await response.json())["detail"] == f"Invalid bearer token: {description}"
+    assert decodes.count == 1
+
+
+async def test_a_token_that_is_not_valid_yet_is_checked_every_time(auth_client: AuthClient, decodes: Decodes) -> None:
+    client = await auth_client()
+    early = sign(claims(nbf=int(time.time()) + 600))  # it will be valid: never remembered as refused
+    for _ in range(3):
+        response = await client.get("/", headers=bearer(early))
+        assert response.headers["WWW-Authenticate"] == invalid("the token is not valid yet")
+    assert decodes.count == 3
+
+
+async def test_refused_tokens_are_not_remembered_with_the_cache_off(auth_client: AuthClient, decodes: Decodes) -> None:
+    client = await auth_client(hs_settings(verify_cache=0))
+    expired = sign(claims(exp=int(time.time()) - 60))
+    for _ in range(3):
+        assert (await client.get("/", headers=bearer(expired))).status == 401
+    assert decodes.count == 3
+
+
+async def test_a_token_whose_kid_was_unknown_verifies_once_the_jwks_has_it(
+    auth_client: AuthClient, jwks: Jwks, clock: FakeClock, rsa_key2: rsa.RSAPrivateKey
+) -> None:
+    client = await auth_client(jwks.settings(), keys=await jwks.keys())
+    token = rs256(rsa_key2, "k2")
+    response = await client.get("/", headers=token)
+    assert response.headers["WWW-Authenticate"] == invalid("the token is signed with an unknown key")
+    jwks.backend.keys = [public_jwk(rsa_key2, "k2")]  # the IdP publishes k2
+    clock.now += 31  # past the cooldown: the unknown kid fetches the JWKS again
+    assert (await client.get("/", headers=token)).status == 200
+
+
+async def test_a_refused_signature_is_checked_again_once_the_jwks_gives_another_key(
+    auth_client: AuthClient, jwks: Jwks, clock: FakeClock, rsa_key2: rsa.RSAPrivateKey
+) -> None:
+    client = await auth_client(jwks.settings(), keys=await jwks.keys())
+    token = rs256(rsa_key2, "k1")  # signed with key 2 under the kid the JWKS gives key 1 for
+    response = await client.get("/", headers=token)
+    assert response.headers["WWW-Authenticate"] == invalid("the token signature does not verify")
+    jwks.backend.keys = [public_jwk(rsa_key2, "k1")]  # the IdP puts key 2 under k1
+    clock.now += 1000  # the JWKS is stale: this request refreshes it behind, still refused with key 1
+    assert (await client.get("/", headers=token)).status == 401
+    for _ in range(100):
+        if jwks.backend.fetches == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.get("/", headers=token)).status == 200
