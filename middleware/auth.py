@@ -204,7 +204,8 @@ class VerifiedTokens:
         return len(self._entries)
 
     def get(self, token: str) -> Verified | None:
-        """What verified ``token`` (its claims a copy), or None: unknown, or no longer valid."""
+        """What verified ``token``, or None: unknown, or no longer valid. The entry itself, shared
+        with every later hit: copy its claims before changing them."""
         entry = self._entries.get(token)
         if entry is None:
             return None
@@ -213,8 +214,7 @@ class VerifiedTokens:
             del self._entries[token]
             return None
         self._entries.move_to_end(token)
-        # The request may add to its copy of the claims; the cached ones stay as verified.
-        return Verified(dict(verified.claims), verified.algorithm, verified.kid, verified.key)
+        return verified
 
     def put(self, token: str, verified: Verified, leeway: float) -> None:
         """Remember ``verified``, just checked for ``token`` with ``leeway`` seconds of clock skew."""
@@ -434,7 +434,7 @@ class JwtAuthMiddleware:
         if self._verified is not None and (hit := self._verified.get(token)) is not None:
             try:  # (not contextlib.suppress: this runs on every request with a token)
                 if await self._keys.resolve(hit.algorithm, hit.kid) is hit.key:
-                    return hit.claims
+                    return dict(hit.claims)  # the request's own copy: the remembered ones stay as verified
             except _TOKEN_ERRORS:
                 pass  # a key that is gone now: verify in full, and fail there
         if self._rejected is not None and (seen := self._rejected.get(token)) is not None:
