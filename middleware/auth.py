@@ -26,7 +26,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
 from aiohttp import hdrs, web
@@ -175,12 +175,39 @@ class Verified:
     key: VerificationKey
 
 
-class VerifiedTokens:
+E = TypeVar("E")
+
+
+class _TokenMemory(Generic[E]):
+    """An LRU of at most ``max_entries`` entries keyed by the raw token string (tokens over
+    4096 characters are not kept): what :class:`VerifiedTokens` and :class:`RejectedTokens` share."""
+
+    def __init__(self, max_entries: int, max_age: float, clock: Callable[[], float]) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._clock = clock
+        self._entries: OrderedDict[str, E] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _keep(self, token: str, entry: E) -> None:
+        if len(token) > _CACHEABLE_TOKEN_LENGTH:
+            return
+        self._entries[token] = entry
+        self._entries.move_to_end(token)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
+class VerifiedTokens(_TokenMemory[tuple[Verified, float, float]]):  # token -> (what verified, valid from, until)
     """Tokens that verified, so a client's next request skips parsing and the signature check.
 
     An LRU of at most ``max_entries`` tokens, keyed by the raw token string (only
-    successes are stored: a garbage or forged token is never remembered, so it cannot
-    evict anything without a valid signature). An entry is served only while the token
+    successes: refused tokens go to a :class:`RejectedTokens` of their own, so a garbage or
+    forged token cannot evict anything here). An entry is served only while the token
     would still pass pyjwt's time checks with the same ``leeway`` (``now < exp + leeway``
     and ``now >= max(nbf, iat) - leeway``; ``clock`` is wall time, as pyjwt's) and for at
     most ``max_age`` seconds. The middleware also uses a hit only while its
@@ -192,16 +219,7 @@ class VerifiedTokens:
 
     def __init__(self, max_entries: int = VERIFY_CACHE_ENTRIES, *, max_age: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._max_entries = max_entries
-        self._max_age = max_age
-        self._clock = clock
-        # token -> (what verified, valid from, valid until); both bounds already include the leeway
-        self._entries: OrderedDict[str, tuple[Verified, float, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_entries, max_age, clock)
 
     def get(self, token: str) -> Verified | None:
         """What verified ``token``, or None: unknown, or no longer valid. The entry itself, shared
@@ -218,8 +236,6 @@ class VerifiedTokens:
 
     def put(self, token: str, verified: Verified, leeway: float) -> None:
         """Remember ``verified``, just checked for ``token`` with ``leeway`` seconds of clock skew."""
-        if len(token) > _CACHEABLE_TOKEN_LENGTH:
-            return
         now = self._clock()
         until = now + self._max_age
         claims = verified.claims
@@ -231,10 +247,7 @@ class VerifiedTokens:
         if not not_before <= now < until:
             return
         stored = Verified(dict(claims), verified.algorithm, verified.kid, verified.key)
-        self._entries[token] = (stored, not_before, until)
-        self._entries.move_to_end(token)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._keep(token, (stored, not_before, until))  # both bounds already include the leeway
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +259,7 @@ class Rejected:
     checked_with: tuple[str, str | None, VerificationKey] | None = None
 
 
-class RejectedTokens:
+class RejectedTokens(_TokenMemory[tuple[Rejected, float]]):  # token -> (why, kept until)
     """Tokens that failed for a reason that stays true, so a client that keeps sending an
     expired or forged token (a retry loop, a stale app) costs a lookup, not a full
     verification (about 280k instructions each with pyjwt 2.15, more than a proxied request).
@@ -261,15 +274,7 @@ class RejectedTokens:
 
     def __init__(self, max_entries: int = VERIFY_CACHE_ENTRIES, *, max_age: float = 300.0,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._max_entries = max_entries
-        self._max_age = max_age
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[Rejected, float]] = OrderedDict()  # token -> (why, kept until)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_entries, max_age, clock)
 
     def get(self, token: str) -> Rejected | None:
         entry = self._entries.get(token)
@@ -282,12 +287,7 @@ class RejectedTokens:
         return entry[0]
 
     def put(self, token: str, rejected: Rejected) -> None:
-        if len(token) > _CACHEABLE_TOKEN_LENGTH:
-            return
-        self._entries[token] = (rejected, self._clock() + self._max_age)
-        self._entries.move_to_end(token)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._keep(token, (rejected, self._clock() + self._max_age))
 
 
 def _number(value: object) -> float | None:
