@@ -93,6 +93,13 @@ class HitLane:
         )
         self.answered = 0
 
+    @property
+    def open(self) -> bool:
+        """False when no route of the live table has a chain the lane could answer for (no cache
+        on the memory store alone): the server then does not offer it any request."""
+        table = self._routes.table
+        return table is not None and table.lone_caches
+
     def answer(self, message: RawRequestMessage, peer: str | None, scheme: str) -> bytes | None:
         """The whole response to ``message`` when it is a fresh hit the lane may give; else None
         (nothing was done, and the request goes the full way)."""

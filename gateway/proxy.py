@@ -7,7 +7,7 @@ followed, statuses as they are. Hop-by-hop headers (RFC 9110 §7.6.1, and any na
 proxy, whatever X-Forwarded-* / Forwarded it sent is dropped first (as Traefik does).
 
 Requests go out on :mod:`gateway.upstream_http` (keep-alive connections per upstream), whose
-errors are translated to problems in one place, :meth:`RouteProxy._upstream_errors`: refused
+errors are translated to problems in one place, :meth:`RouteProxy._retry_or_raise`: refused
 or reset → 502, timeout → 504, no healthy upstream → 503, body too large → 413.
 
 Header names are compared lower-cased: clients send any case (``x-user-id`` is
@@ -16,9 +16,8 @@ Header names are compared lower-cased: clients send any case (``x-user-id`` is
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +85,8 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class _Retry(Exception):
-    """A connection failure after which the request may go to another upstream."""
+# what one attempt may fail with: the upstream, the client's streamed body, or its size
+_ATTEMPT_ERRORS = (_BodyTooLarge, UpstreamError, aiohttp.ClientError, ConnectionError)
 
 
 class Forwarder:
@@ -156,18 +155,18 @@ class RouteProxy:
             outcome.upstream = upstream.base
             data = body if body is not None or limit is None else _limited(request.content, limit)
             try:
-                can_retry = len(tried) <= route.retries
-                with self._upstream_errors(upstream, limit, can_retry=can_retry, idempotent=idempotent):
-                    upstream_response = await upstream.connections.request(
-                        method,
-                        upstream.path_for(target),
-                        headers,
-                        data,
-                        content_length=request.content_length if limit is not None else None,
-                        connect_timeout=route.connect_timeout,
-                        read_timeout=route.timeout,
-                    )
-            except _Retry:
+                upstream_response = await upstream.connections.request(
+                    method,
+                    upstream.path_for(target),
+                    headers,
+                    data,
+                    content_length=request.content_length if limit is not None else None,
+                    connect_timeout=route.connect_timeout,
+                    read_timeout=route.timeout,
+                )
+            except _ATTEMPT_ERRORS as exc:
+                # a plain except, not a context manager: this runs for every proxied request
+                self._retry_or_raise(exc, upstream, limit, can_retry=len(tried) <= route.retries, idempotent=idempotent)
                 continue
             self._pool.succeeded(upstream)
             async with upstream_response:
@@ -186,30 +185,26 @@ class RouteProxy:
             return await request.read(), None
         return None, _BodyLimit(max_body)
 
-    @contextlib.contextmanager
-    def _upstream_errors(
-        self, upstream: Upstream, limit: _BodyLimit | None, *, can_retry: bool, idempotent: bool
-    ) -> Iterator[None]:
-        """Translate one attempt's failure; raise _Retry when another attempt may be made: after a
-        failed connect (nothing reached the upstream) for any method, after a reset only for
-        idempotent methods, and never once the client's streamed body has been read."""
-        try:
-            yield
-        except _BodyTooLarge:
+    def _retry_or_raise(
+        self, exc: Exception, upstream: Upstream, limit: _BodyLimit | None, *, can_retry: bool, idempotent: bool
+    ) -> None:
+        """Translate one attempt's failure into a Problem, or return when another attempt may be
+        made: after a failed connect (nothing reached the upstream) for any method, after a reset
+        only for idempotent methods, and never once the client's streamed body has been read."""
+        if isinstance(exc, _BodyTooLarge):
             raise Problem(413, f"the request body is over the limit of {self._forwarder.max_body} bytes") from None
-        except UpstreamError as exc:
-            replayable = can_retry and (limit is None or not limit.consumed)
-            if isinstance(exc, ConnectFailed):
-                self._pool.failed(upstream)
-                if replayable:
-                    raise _Retry from None
-            elif isinstance(exc, ConnectionBroken) and replayable and idempotent:
-                raise _Retry from None
-            if limit is not None and limit.consumed and isinstance(exc, ConnectFailed | ConnectionBroken):
-                raise Problem(502, f"upstream {upstream.base} failed while the body was being sent") from None
-            raise self._problem(upstream, exc) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:  # reading the client's streamed body
+        if not isinstance(exc, UpstreamError):  # reading the client's streamed body
             raise Problem(400, f"the request body broke off: {type(exc).__name__}") from None
+        replayable = can_retry and (limit is None or not limit.consumed)
+        if isinstance(exc, ConnectFailed):
+            self._pool.failed(upstream)
+            if replayable:
+                return
+        elif isinstance(exc, ConnectionBroken) and replayable and idempotent:
+            return
+        if limit is not None and limit.consumed and isinstance(exc, ConnectFailed | ConnectionBroken):
+            raise Problem(502, f"upstream {upstream.base} failed while the body was being sent") from None
+        raise self._problem(upstream, exc) from None
 
     def _problem(self, upstream: Upstream, exc: UpstreamError) -> Problem:
         where = f"upstream {upstream.base}"

@@ -107,6 +107,8 @@ class RouteTable:
     def __init__(self, services: Mapping[str, Service], chains: Mapping[str, RouteChain]) -> None:
         self._services = {name: service.routes for name, service in services.items()}
         self._chains = chains  # route name -> built chain
+        # whether the hit lane can answer for any route of this table (gateway.hit_lane)
+        self.lone_caches = any(chain.lone_cache is not None for chain in chains.values())
         self._recent: Recent[tuple[str, str], Match | None] = Recent()  # (method, raw target) -> its match
         self._recent_paths: Recent[tuple[str, str], Match | None] = Recent()  # (method, path) -> a match without query
 

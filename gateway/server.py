@@ -205,7 +205,7 @@ class GatewayProtocol(RequestHandler):
             idle = not waiter.done()
         else:  # busy with a request, or not started yet: only before the first request is it idle
             idle = count == 0
-        if self._lane is not None and idle and not self._messages:
+        if idle and not self._messages and self._lane is not None and self._lane.open:
             self._offer_to_lane(data, waiter)
         else:
             super().data_received(data)

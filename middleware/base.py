@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
@@ -45,7 +45,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(slots=True)
 class Outcome:
-    """What happened to one request, filled in by whoever knows; written once as the access-log line."""
+    """What happened to one request, filled in by whoever knows; written once as the access-log line.
+    Also holds the fields the middlewares want on its response (:func:`add_response_headers`)."""
 
     service: str | None = None
     route: str | None = None
@@ -55,6 +56,7 @@ class Outcome:
     sub: str | None = None
     error: str | None = None
     status: int | None = None  # set when the response's headers are sent; None means nothing sent yet
+    response_headers: dict[str, str] = field(default_factory=dict)  # not logged
 
 
 class Quota(NamedTuple):
@@ -194,24 +196,19 @@ CLIENT_IP = web.RequestKey("client_ip", str)  # the client's address, honouring 
 OUTCOME = web.RequestKey("outcome", Outcome)
 CLAIMS = web.RequestKey("claims", dict[str, Any])  # verified JWT claims, when a token was verified
 BODY_TAP = web.RequestKey("body_tap", BodyTap)  # set by the cache on a miss; fed by the endpoint
-_RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
 
 
 def add_response_headers(request: web.Request, headers: Mapping[str, str]) -> None:
-    """Have ``headers`` set on whatever response this request gets, just before it is sent."""
-    pending = request.get(_RESPONSE_HEADERS)
-    if pending is None:
-        request[_RESPONSE_HEADERS] = dict(headers)
-    else:
-        pending.update(headers)
+    """Have ``headers`` set on whatever response this request gets, just before it is sent
+    (kept on the request's :class:`Outcome`, which the request-id middleware makes first)."""
+    request[OUTCOME].response_headers.update(headers)
 
 
 async def _apply_response_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    pending = request.get(_RESPONSE_HEADERS)
-    if pending:
-        response.headers.update(pending)
     outcome = request.get(OUTCOME)
     if outcome is not None:
+        if outcome.response_headers:
+            response.headers.update(outcome.response_headers)
         outcome.status = response.status
 
 

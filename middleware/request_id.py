@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import orjson
 from aiohttp import web
 
-from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome, add_response_headers
+from .base import CLIENT_IP, OUTCOME, REQUEST_ID, Handler, IPNetwork, Outcome
 
 __all__ = (
     "FORWARDED_FOR",
@@ -133,8 +133,7 @@ class RequestIdMiddleware:
         request_id, client = self.identify(headers.get(REQUEST_ID_HEADER), request.remote, headers.get(FORWARDED_FOR))
         request[REQUEST_ID] = request_id
         request[CLIENT_IP] = client
-        outcome = request[OUTCOME] = Outcome()
-        add_response_headers(request, {REQUEST_ID_HEADER: request_id})
+        outcome = request[OUTCOME] = Outcome(response_headers={REQUEST_ID_HEADER: request_id})
         status = 500
         try:
             response = await handler(request)

@@ -411,6 +411,28 @@ async def test_a_reload_that_adds_a_rate_limit_closes_the_lane_for_that_route(
     assert gateway.answered == 1
 
 
+async def test_the_lane_is_closed_while_no_route_could_use_it_and_opens_again_on_reload(
+    make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gateway, connection = await filled(make_gateway, "/api/svc/a")
+    lane = gateway.app[HIT_LANE]
+    assert lane.open
+    yaml = YAML.format(upstream=gateway.upstream.origin).replace("${JWT_SECRET}", SECRET)
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        yaml.replace("defaults: {auth: none}", "defaults: {auth: none, rate_limit: {requests: 5, per: 1m}}")
+    )
+    assert await Reloader(gateway.app, path).reload("test")
+    assert not lane.open  # every route is rate limited: the server no longer offers requests to the lane
+    answer = await connection.get("/api/svc/a")
+    assert b"X-Cache: HIT" in answer and b"X-RateLimit-Remaining: 4" in answer
+    path.write_text(yaml)
+    assert await Reloader(gateway.app, path).reload("test")
+    assert lane.open
+    assert b"X-Cache: HIT" in await connection.get("/api/svc/a")
+    assert gateway.answered == 1
+
+
 async def test_a_failing_lane_costs_the_request_nothing(
     make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
