@@ -45,7 +45,7 @@ __all__ = ("Command", "Done", "Pipe")
 
 logger = logging.getLogger(__name__)
 
-Command = tuple[str | bytes | int | float, ...]  # one raw command: name and arguments
+Command = tuple[str | bytes | int | float, ...] | bytes  # one raw command: name and arguments, or already RESP
 Done = Callable[[list[Any] | StoreUnavailable], None]  # a batch's replies (errors as values), or why it failed
 Connect = Callable[[], Awaitable[AbstractConnection]]  # a connected connection, or StoreUnavailable
 Release = Callable[[AbstractConnection], Awaitable[None]]  # give it back, broken or closed
@@ -111,7 +111,8 @@ class Pipe:
             for batch in batches:
                 self._await_connection(batch)
             return
-        writer.write(b"".join([hiredis.pack_command(c) for batch in batches for c in batch.commands]))  # type: ignore[arg-type]
+        packed = [c if isinstance(c, bytes) else hiredis.pack_command(c) for batch in batches for c in batch.commands]  # type: ignore[arg-type]
+        writer.write(b"".join(packed))
         self._sent.extend(batches)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_at(self._sent[0].deadline, self._check_deadline)

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import hiredis
 import pytest
 import redis
 import redis.cluster
@@ -19,6 +20,7 @@ from redis.crc import key_slot
 
 from gateway.config import StoreConfig
 from gateway.stores import MemoryStore, RedisStore, open_store
+from gateway.stores.gcra import interval_us
 from middleware.base import AddToSet, Put, Remove, Store, StoreUnavailable
 from tests.conftest import free_port
 from tests.redis_servers import RedisServer
@@ -70,6 +72,32 @@ async def test_admitted_at_exactly_retry_after(redis_store: RedisStore) -> None:
     assert (rejected.allowed, retry_us) == (False, 500_000)
     assert not (await redis_store.take("rl", limit=2, period=1.0, now_us=now + retry_us - 1)).allowed
     assert (await redis_store.take("rl", limit=2, period=1.0, now_us=now + retry_us)).allowed
+
+
+@pytest.mark.parametrize("key", ["rl:users:ip:10.0.0.1", "rl:users:sub:élodie", "rl:{odd}:sub:a b"])
+@pytest.mark.parametrize(("limit", "period", "spend"), [(10**9, 1.0, True), (5, 60.0, False), (3, 0.25, True)])
+async def test_a_take_is_sent_as_the_command_hiredis_would_pack(
+    key: str, limit: int, period: float, spend: bool
+) -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1", namespace="gw:")
+    expected = (
+        "EVALSHA", store._gcra.sha, 1, store.key(key), interval_us(limit, period), limit, 1 if spend else 0
+    )  # fmt: skip
+    for _ in range(2):  # the second time from the packed arguments it keeps
+        assert store._take_command(key, limit, period, spend) == hiredis.pack_command(expected)
+    await store.aclose()
+
+
+async def test_batched_takes_spend_the_budget_of_their_own_limit(redis_store: RedisStore) -> None:
+    answers = [await redis_store.take("rl", limit=3, period=60.0) for _ in range(4)]
+    assert [(q.allowed, q.remaining) for q in answers] == [(True, 2), (True, 1), (True, 0), (False, 0)]
+    assert 59.0 < answers[2].reset_after <= 60.0 and 19.0 < answers[3].retry_after <= 20.0
+    looked = await redis_store.take("rl", limit=6, period=120.0, spend=False)  # another limit, nothing spent
+    assert (looked.allowed, looked.remaining) == (True, 2)
+    assert (await redis_store.take("rl", limit=6, period=120.0, spend=False)).remaining == 2
+    assert (await redis_store.take("rl", limit=6, period=120.0)).remaining == 2  # and spent this time
+    for _ in range(2):  # looking spends nothing
+        assert (await redis_store.take("rl", limit=6, period=120.0, spend=False)).remaining == 1
 
 
 async def test_script_reloaded_after_flush(redis_server: RedisServer) -> None:
