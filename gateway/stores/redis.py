@@ -97,6 +97,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+_BATCH_ENTRIES = 16  # requests' commands in one batch at most (see "Bounded batches" in bench/README.md)
 _MAX_TAKE_TAILS = 1024  # (limit, period, spend) whose packed take arguments are kept
 _MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
 
@@ -128,7 +129,9 @@ class RedisStore:
         self._starting: asyncio.Task[None] | None = None
         self._batch: Batch = []  # commands waiting to be sent (one Redis)
         self._batch_loop: asyncio.AbstractEventLoop | None = None  # the loop running while they were queued
+        self.batch_entries = _BATCH_ENTRIES
         self._sending: set[asyncio.Task[None]] = set()  # batches that met a flushed script
+        self._loading_scripts = asyncio.Lock()
         self._pipe = Pipe(lambda: self._edge("connect", self._checked_out), self._checked_in, timeout=timeout)
 
     @classmethod
@@ -331,10 +334,14 @@ class RedisStore:
             loop.call_soon(self._send_batch)
         future: asyncio.Future[list[Any]] = loop.create_future()
         batch.append((commands, future))
+        if len(batch) >= self.batch_entries:  # full: sent now, and Redis works on it while this turn goes on
+            self._send_batch()
         return future
 
     def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
+        if not batch:  # sent already, when it filled up
+            return
         commands = [command for entry, _ in batch for command in entry]
         self._pipe.send(commands, lambda replies: self._settle(batch, commands, replies))
 
@@ -369,7 +376,8 @@ class RedisStore:
         sha is that of its text, so the commands are sent again as they were."""
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         try:
-            await self._edge("script load", self._load_scripts)
+            async with self._loading_scripts:  # batches that all found them gone load them one after another
+                await self._edge("script load", self._load_scripts)  # (on one pooled connection, not one each)
             again = await self._sent_now([commands[i] for i in unknown])
         except StoreUnavailable as exc:
             self._settle(batch, commands, exc)

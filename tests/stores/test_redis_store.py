@@ -21,6 +21,7 @@ from redis.crc import key_slot
 from gateway.config import StoreConfig
 from gateway.stores import MemoryStore, RedisStore, open_store
 from gateway.stores.gcra import interval_us
+from gateway.stores.redis_pipe import Command
 from middleware.base import AddToSet, Put, Remove, Store, StoreUnavailable
 from tests.conftest import free_port
 from tests.redis_servers import RedisServer
@@ -360,6 +361,27 @@ async def test_commands_of_one_turn_share_one_connection_and_keep_their_own_resu
     with restartable_redis.client() as check:
         clients = int(check.info("clients")["connected_clients"])
     assert clients <= 3  # this check's own client, and the store's pool: pipelines, not 50 connections
+
+
+async def test_a_full_batch_goes_out_at_once_and_the_rest_when_the_turn_ends(
+    monkeypatch: pytest.MonkeyPatch, own_store: Store
+) -> None:
+    assert isinstance(own_store, RedisStore)
+    await own_store.ping()
+    own_store.batch_entries = 4
+    sent: list[list[object]] = []
+    send = own_store._pipe.send
+
+    def spy(commands: list[Command], done: Callable[..., None]) -> None:
+        sent.append(list(commands))
+        send(commands, done)
+
+    monkeypatch.setattr(own_store._pipe, "send", spy)
+    await own_store.set("k3", b"v3", ttl=60)
+    sent.clear()
+    values = await asyncio.gather(*(own_store.get(f"k{i}") for i in range(10)))  # all queued in one turn
+    assert values == [None, None, None, b"v3", *[None] * 6]  # each caller its own reply
+    assert [len(commands) for commands in sent] == [4, 4, 2]  # two as they filled up, the rest as the turn ended
 
 
 async def test_one_failing_command_fails_only_its_own_caller(restartable_redis: RedisServer, own_store: Store) -> None:
