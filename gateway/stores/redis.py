@@ -9,19 +9,20 @@ on the next call, so the store recovers when Redis comes back.
 ``take`` is one ``EVALSHA`` of :data:`gateway.stores.gcra.LUA`, with the time taken from the
 Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY_OR_ADD`; ``write``
 one of :data:`WRITE` (on one Redis). The scripts are loaded again automatically after a Redis restart.
-On one Redis, the commands that requests start in the same turn of the event loop (takes,
-cache lookups, stores, locks) go out together in one pipeline: one round trip and one
-connection for all of them. redis-py's cost per call (a pooled connection taken and given
-back, a round trip awaited) is most of what a command costs the gateway in CPU, so this
-"auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low. Each
-command is still its own atomic step; one request's commands still run in its order.
-The batches go out on one connection kept for them (:class:`gateway.stores.redis_pipe.Pipe`),
-each written as soon as its turn ends, without waiting for the replies to earlier ones; one
-reader task takes the replies off in order. There is no redis-py ``Pipeline`` (its per-command
-bookkeeping, reply callbacks and per-call instrumentation were about half of what a Redis
-command cost the gateway) and no pool checkout, task or timeout context per batch (most of
-the rest); commands are packed by hiredis. Connecting, AUTH, TLS, SELECT and reading replies
-(with hiredis's parser) are still redis-py's.
+On one Redis, the commands that requests start in the same turn of the event loop (takes, cache
+lookups, stores, locks) go out together in one pipeline: one round trip and one connection for
+all of them (16 requests' commands at most: a full batch goes out at once, so that Redis, on
+another core, works on it while the turn goes on). redis-py's cost per call (a pooled connection
+taken and given back, a round trip awaited) is most of what a command costs the gateway in CPU,
+so this "auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low.
+Each command is still its own atomic step; one request's commands still run in its order. The
+batches go out on one connection kept for them (:class:`gateway.stores.redis_pipe.Pipe`), each
+written as soon as it is full or its turn ends, without waiting for the replies to earlier ones;
+one reader task takes the replies off in order. There is no redis-py ``Pipeline`` (its
+per-command bookkeeping, reply callbacks and per-call instrumentation were about half of what a
+Redis command cost the gateway) and no pool checkout, task or timeout context per batch (most of
+the rest); commands are packed by hiredis (a take by the store: see ``_take_command``).
+Connecting, AUTH, TLS, SELECT and reading replies (with hiredis's parser) are still redis-py's.
 Keys are ``<namespace>{<key>}``. The braces are a Cluster hash tag: the slot depends on the
 caller's key up to its first ``}`` (all of it when it has none), never on the namespace, so
 ``c:{users}:gen`` and ``c:{users}:e:1`` share a slot, for a future script over both.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -97,7 +99,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-_BATCH_ENTRIES = 16  # requests' commands in one batch at most (see "Bounded batches" in bench/README.md)
+_BATCH_ENTRIES = 16  # requests' commands in one batch at most (bench/README.md, eleventh session: the idle core)
 _MAX_TAKE_TAILS = 1024  # (limit, period, spend) whose packed take arguments are kept
 _MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
 
@@ -322,7 +324,8 @@ class RedisStore:
         return reply
 
     def _batched(self, *commands: Command) -> asyncio.Future[list[Any]]:
-        """Queue ``commands`` (one request's, run in order) for this turn's batch: a future of
+        """Queue ``commands`` (one request's, run in order) for this turn's batch (sent at once
+        when it holds ``batch_entries`` requests' commands, else when the turn ends): a future of
         their replies, or of StoreUnavailable carrying the first error among them. A future, not
         a coroutine: awaited directly, it is one frame less for every await of the request."""
         batch = self._batch
@@ -497,8 +500,10 @@ def _bulks(*args: str | bytes | int) -> bytes:
     return packed.partition(b"\r\n")[2]
 
 
+@functools.lru_cache(maxsize=1024)
 def _ms(seconds: float) -> int:
-    """A TTL in whole milliseconds, rounded up, at least 1."""
+    """A TTL in whole milliseconds, rounded up, at least 1. Remembered: the same few TTLs come
+    with every cache store (the arithmetic cost 3.5k instructions, two or three times a miss)."""
     return max(1, -(-round(seconds * 1_000_000) // 1000))
 
 
