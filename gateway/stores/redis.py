@@ -100,7 +100,6 @@ end
 return #KEYS
 """
 _BATCH_ENTRIES = 16  # requests' commands in one batch at most (bench/README.md, eleventh session: the idle core)
-_MAX_TAKE_TAILS = 1024  # (limit, period, spend) whose packed take arguments are kept
 _MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
 
 
@@ -125,7 +124,9 @@ class RedisStore:
         self._scripts = (self._gcra.script, self._get_many_or_add.script, self._write.script)
         # a take's EVALSHA in RESP, but for its key and the arguments after it (see _take_command)
         self._take_head = b"*7\r\n" + _bulks("EVALSHA", self._gcra.sha, 1)
-        self._take_tails: dict[tuple[int, float, bool], bytes] = {}
+        # pure functions of a route's settings, remembered per store: the same few come with every request
+        self._take_tail = functools.lru_cache(maxsize=1024)(_take_tail)
+        self._ms = functools.lru_cache(maxsize=1024)(_ms)
         self._detach = isinstance(client, RedisCluster)
         self._ready = False
         self._starting: asyncio.Task[None] | None = None
@@ -184,7 +185,7 @@ class RedisStore:
         if ttl <= 0:
             await self.delete(key)
             return
-        name, px = self.key(key), _ms(ttl)
+        name, px = self.key(key), self._ms(ttl)
         await self._call("set", lambda redis: redis.set(name, value, px=px), self._set_command(key, value, ttl))
 
     async def delete(self, *keys: str) -> int:
@@ -200,7 +201,7 @@ class RedisStore:
         """``SET NX PX``: stored only when absent."""
         if ttl <= 0:
             return False
-        name, px = self.key(key), _ms(ttl)
+        name, px = self.key(key), self._ms(ttl)
         stored = await self._call(
             "add", lambda redis: redis.set(name, value, px=px, nx=True), (*self._set_command(key, value, ttl), "NX")
         )
@@ -228,7 +229,7 @@ class RedisStore:
         if ttl <= 0:  # nothing can be added: a plain read
             return await self.get_many(*keys), False
         names = [self.key(key) for key in (*keys, add)]
-        args: list[bytes | int] = [value, _ms(ttl)]
+        args: list[bytes | int] = [value, self._ms(ttl)]
         if self._detach:
             script = self._get_many_or_add
             replies = await self._edge("get_many_or_add", lambda client: script(keys=names, args=args, client=client))
@@ -254,13 +255,13 @@ class RedisStore:
         for change in changes:  # the steps of WRITE: what set, sadd and delete do
             if isinstance(change, Put):
                 keys.append(name(change.key))
-                args += ("S", change.value, _ms(change.ttl)) if change.ttl > 0 else ("D",)
+                args += ("S", change.value, self._ms(change.ttl)) if change.ttl > 0 else ("D",)
             elif isinstance(change, AddToSet):
                 members = change.members
                 for start in range(0, len(members), _MAX_MEMBERS):
                     part = members[start : start + _MAX_MEMBERS]
                     keys.append(name(change.key))
-                    args += ("A", _ms(change.ttl), len(part), *part)
+                    args += ("A", self._ms(change.ttl), len(part), *part)
             else:
                 keys += map(name, change.keys)
                 args += ("D",) * len(change.keys)
@@ -271,26 +272,21 @@ class RedisStore:
         """``EVALSHA <gcra> 1 <key> <interval> <limit> <spend>`` in RESP. Packed here, not by
         hiredis, which costs about 1.6k instructions an argument: of a route's takes only the key
         changes, so the rest is packed once (with the interval worked out once too)."""
-        tail = self._take_tails.get((limit, period, spend))
-        if tail is None:
-            if len(self._take_tails) >= _MAX_TAKE_TAILS:  # routes come and go with reloads
-                self._take_tails.clear()
-            tail = self._take_tails[(limit, period, spend)] = _bulks(interval_us(limit, period), limit, int(spend))
         name = self.key(key).encode()
-        return b"%b$%d\r\n%b\r\n%b" % (self._take_head, len(name), name, tail)
+        return b"%b$%d\r\n%b\r\n%b" % (self._take_head, len(name), name, self._take_tail(limit, period, spend))
 
     def _set_command(self, key: str, value: bytes, ttl: float) -> Command:
-        return ("SET", self.key(key), value, "PX", _ms(ttl))
+        return ("SET", self.key(key), value, "PX", self._ms(ttl))
 
     def _sadd_commands(self, key: str, members: tuple[str, ...], ttl: float) -> tuple[Command, Command]:
         name = self.key(key)
-        return ("SADD", name, *members), ("PEXPIRE", name, _ms(ttl))
+        return ("SADD", name, *members), ("PEXPIRE", name, self._ms(ttl))
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:
         """``SADD`` then ``PEXPIRE``, in one pipelined round trip."""
         if not members:
             return
-        name, px = self.key(key), _ms(ttl)
+        name, px = self.key(key), self._ms(ttl)
         if self._detach:
 
             async def command(client: Client) -> None:
@@ -500,10 +496,14 @@ def _bulks(*args: str | bytes | int) -> bytes:
     return packed.partition(b"\r\n")[2]
 
 
-@functools.lru_cache(maxsize=1024)
+def _take_tail(limit: int, period: float, spend: bool) -> bytes:
+    """A take's arguments after its key, packed: ``<interval> <limit> <spend>``."""
+    return _bulks(interval_us(limit, period), limit, int(spend))
+
+
 def _ms(seconds: float) -> int:
-    """A TTL in whole milliseconds, rounded up, at least 1. Remembered: the same few TTLs come
-    with every cache store (the arithmetic cost 3.5k instructions, two or three times a miss)."""
+    """A TTL in whole milliseconds, rounded up, at least 1. Remembered by each store
+    (``RedisStore._ms``): the arithmetic costs 3.5k instructions, two or three times a miss."""
     return max(1, -(-round(seconds * 1_000_000) // 1000))
 
 
