@@ -19,6 +19,7 @@
 # usage: BACKEND=18080 REDIS=6379 bench/ab_chain_instructions.sh COMMIT...
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd); PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+. "$REPO/bench/perf_counts.sh"
 WORK=${WORK:-/tmp/ab-chain}; BACKEND=${BACKEND:-18080}; REDIS=${REDIS:-6379}
 CONFIGS=${CONFIGS:-"plain memmiss redismiss redisrl auth full"}
 mkdir -p "$WORK"; cd "$WORK"  # not the repo: `python -c` puts the working directory first on sys.path

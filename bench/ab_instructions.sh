@@ -8,6 +8,7 @@
 # usage: BACKEND=18080 bench/ab_instructions.sh COMMIT...
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd); PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+. "$REPO/bench/perf_counts.sh"
 SHAS=("$@")
 WORK=${WORK:-/tmp/ab}; BACKEND=${BACKEND:-18080}; mkdir -p "$WORK"; cd "$WORK"
 port=18200

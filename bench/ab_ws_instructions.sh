@@ -12,6 +12,7 @@
 # usage: bench/ab_ws_instructions.sh COMMIT...
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd); PYTHON=${PYTHON:-$REPO/.venv/bin/python}; BENCH=$REPO/bench
+. "$REPO/bench/perf_counts.sh"
 WORK=${WORK:-/tmp/ab-ws}; ROUNDS=${ROUNDS:-3}
 mkdir -p "$WORK"; cd "$WORK"  # not the repo: `python -c` puts the working directory first on sys.path
 taskset -c 0 $PYTHON "$BENCH/ws_echo.py" --port 19100 > "$WORK/echo.log" 2>&1 &

@@ -14,6 +14,7 @@
 set -eu
 SETUP=$1; STATEMENT=$2; N=${3:-10000}
 PYTHON=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
+. "$(dirname "$0")/perf_counts.sh"
 
 count() { # statement -> instructions counted around its loop
   local dir; dir=$(mktemp -d)
