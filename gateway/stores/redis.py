@@ -11,7 +11,7 @@ Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY
 one of :data:`WRITE` (on one Redis). The scripts are loaded again automatically after a Redis restart.
 On one Redis, the commands that requests start in the same turn of the event loop (takes, cache
 lookups, stores, locks) go out together in one pipeline: one round trip and one connection for
-all of them (16 requests' commands at most: a full batch goes out at once, so that Redis, on
+all of them (256 requests' commands at most: a full batch goes out at once, so that Redis, on
 another core, works on it while the turn goes on). redis-py's cost per call (a pooled connection
 taken and given back, a round trip awaited) is most of what a command costs the gateway in CPU,
 so this "auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low.
@@ -99,7 +99,10 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-_BATCH_ENTRIES = 16  # requests' commands in one batch at most (bench/README.md, eleventh session: the idle core)
+# requests' commands in one batch at most: bounds what a burst of requests in one turn writes at once. Not
+# lower: 16 (bench/README.md, eleventh and twelfth sessions) split a busy turn's batch in four and cost
+# about 10% more CPU per full-chain request at 64 connections, for no more requests a second.
+_BATCH_ENTRIES = 256
 _MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
 
 
