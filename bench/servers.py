@@ -174,9 +174,11 @@ class CpuMeter:
         self._children = reaped_children_seconds()
         parents = process_children()
         self._before = {server.name: server.cpu_seconds(parents) for server in servers}
+        self.busy: dict[str, float] = {}  # per core, set by read()
 
     def read(self) -> tuple[dict[str, float], dict[str, float]]:
-        """CPU seconds per server, and per core the share of the run spent on other work (0.05 = 5%)."""
+        """CPU seconds per server, and per core the share of the run spent on other work (0.05 = 5%).
+        Afterwards ``busy`` holds each core's busy share of the run, ours and others' work alike."""
         parents = process_children()
         used = {server.name: server.cpu_seconds(parents) - self._before[server.name] for server in self._servers}
         ours = {LOAD_CPU: reaped_children_seconds() - self._children, SERVER_CPU: 0.0}  # wrk runs on LOAD_CPU
@@ -188,6 +190,7 @@ class CpuMeter:
                 spread += used[server.name]
         wall = time.monotonic() - self._started
         busy = core_seconds(ours)
+        self.busy = {cpu: (busy[cpu] - self._cores[cpu]) / wall for cpu in ours}
         foreign = {cpu: max(0.0, busy[cpu] - self._cores[cpu] - ours[cpu]) / wall for cpu in ours}
         if spread > 0.01 * wall:  # a server on both cores did real work in this window
             both = sum(busy[cpu] - self._cores[cpu] - ours[cpu] for cpu in ours) - spread

@@ -93,6 +93,7 @@ class WsSample:
     cpu_us: float  # CPU of ``server`` per round trip
     other_load_pct: float
     other_server_pct: float
+    load_busy_pct: float  # how busy the load core was (the client and the echo backend, ours or not)
 
 
 def _http(url: str) -> str:
@@ -161,6 +162,7 @@ def measure_relay(target: WsTarget, servers: list[Server], warmup: int, seconds:
         cpu_us=cpu[target.server.name] * 1e6 / max(1, result["round_trips"]),
         other_load_pct=foreign[LOAD_CPU] * 100,
         other_server_pct=foreign[SERVER_CPU] * 100,
+        load_busy_pct=meter.busy[LOAD_CPU] * 100,
     )
 
 
@@ -182,7 +184,8 @@ def run_relay(rounds: int, warmup: int, seconds: int, work: Path, stack: context
             print(
                 f"round {round_no}/{rounds} {target.name:<14} {sample.rate:>9,.0f} round trips/s"
                 f"  p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms  {sample.cpu_us:6.1f} µs/rt"
-                f"  other {sample.other_load_pct:.0f}%/{sample.other_server_pct:.0f}%",
+                f"  other {sample.other_load_pct:.0f}%/{sample.other_server_pct:.0f}%"
+                f"  load core {sample.load_busy_pct:.0f}% busy",
                 flush=True,
             )
     return samples
@@ -264,15 +267,16 @@ def relay_medians(samples: dict[str, list[WsSample]]) -> dict[str, WsSample]:
 def relay_table(samples: dict[str, list[WsSample]]) -> str:
     lines = [
         "| target | round trips/s | messages relayed/s | p50 ms | p99 ms | CPU µs per round trip"
-        " | round trips/s per round | other load % CPU 0 / 1 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        " | round trips/s per round | other load % CPU 0 / 1 | load core busy % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     medians = relay_medians(samples)
     for name, runs in samples.items():
         m = medians[name]
         lines.append(
             f"| {name} | {m.rate:,.0f} | {2 * m.rate:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.cpu_us:.1f}"
-            f" | {' / '.join(f'{s.rate:,.0f}' for s in runs)} | {m.other_load_pct:.0f} / {m.other_server_pct:.0f} |"
+            f" | {' / '.join(f'{s.rate:,.0f}' for s in runs)} | {m.other_load_pct:.0f} / {m.other_server_pct:.0f}"
+            f" | {m.load_busy_pct:.0f} |"
         )
     load = [s.other_load_pct for runs in samples.values() for s in runs]
     server = [s.other_server_pct for runs in samples.values() for s in runs]
@@ -282,6 +286,16 @@ def relay_table(samples: dict[str, list[WsSample]]) -> str:
             f"Noise: work not ours took {min(load):.0f} to {max(load):.0f}% of CPU 0 and {min(server):.0f} to"
             f" {max(server):.0f}% of CPU 1 during the measured runs (for `ws-direct`, CPU 1 is idle and anything"
             " fills it).",
+        ]
+    saturated = [name for name in ("ws-minimal", "ws-gateway") if name in medians and medians[name].load_busy_pct >= 95]
+    if saturated:
+        busy = " and ".join(f"{medians[name].load_busy_pct:.0f}% during `{name}`" for name in saturated)
+        lines += [
+            "",
+            f"The load core (the client and the echo backend) was busy {busy}: the round trips a second are"
+            " bounded by the load side as much as by the relay, and a relay that leaves its own core idle more"
+            " often can even make fewer of them (its wake-ups cost the load core). The CPU per round trip is the"
+            " relay's own figure (bench/README.md, twelfth session).",
         ]
     for reference, minimum, issue in (("ws-nginx", 0.5, "6.5"), ("ws-minimal", 1.0, "8")):
         if "ws-gateway" in medians and reference in medians:

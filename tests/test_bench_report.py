@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from report import Sample, WsFigures, issue8_checks, loops_table, median, workers_table
 from wrk import parse_wrk
+from ws_bench import WsSample, relay_table
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8080/api/static/hello.json
   1 threads and 64 connections
@@ -99,3 +100,20 @@ def test_loops_table_names_the_faster_loop(asyncio_rps: float, faster: str) -> N
 def test_workers_table_flags_cpu_per_request_rising() -> None:
     samples = {"gateway": [sample(1000, 800)], "gateway-workers-2-cpu1": [sample(950, 840)]}
     assert "rose with workers: `gateway-workers-2-cpu1` (+5%)" in workers_table(samples)
+
+
+def relay(rate: float, cpu_us: float, load_busy: float) -> WsSample:
+    return WsSample(rate, 1.0, 2.0, cpu_us, 0.0, 0.0, load_busy)
+
+
+def test_relay_table_says_when_the_load_core_bounded_the_round_trips() -> None:
+    samples = {"ws-minimal": [relay(60_000, 16.0, 99.6)], "ws-gateway": [relay(58_000, 15.8, 100.0)]}
+    table = relay_table(samples)
+    assert "| 60,000 | 120,000 | 1.00 | 2.00 | 16.0 | 60,000 | 0 / 0 | 100 |" in table
+    assert "The load core (the client and the echo backend) was busy 100% during `ws-minimal` and 100%" in table
+    assert "ws-gateway / ws-minimal: round trips/s 0.97x (issue 8 target ≥ 1.00x: missed)" in table
+
+
+def test_relay_table_says_nothing_of_a_load_core_with_room_left() -> None:
+    samples = {"ws-minimal": [relay(40_000, 16.0, 80.0)], "ws-gateway": [relay(41_000, 15.0, 82.0)]}
+    assert "The load core" not in relay_table(samples)
