@@ -131,7 +131,23 @@ class FramePump(asyncio.Protocol):
         elif relay.timer is None:
             relay.timer = relay.loop.call_later(CLOSE_GRACE, self.shutdown)
 
+    # -- the handshake's head ----------------------------------------------------------
+
+    def head_end(self) -> int | None:
+        """Where the HTTP head buffered in ``buf`` ends (its blank line), or None while it has not
+        all come; a head over MAX_HEAD ends the relay."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return end
+        if len(self.buf) > MAX_HEAD:
+            self.shutdown()
+        return None
+
     # -- transport plumbing ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def shutdown(self) -> None:
         relay = self.relay
@@ -178,10 +194,6 @@ class Upstream(FramePump):
         self.relay = client.relay
         self.raw = False  # the upstream did not answer 101: pass bytes through unparsed
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-
     def data_received(self, data: bytes) -> None:
         if self.framing:
             self.frames(data)
@@ -190,10 +202,8 @@ class Upstream(FramePump):
             self.peer.transport.write(data)
             return
         self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_HEAD:
-                self.shutdown()
+        end = self.head_end()
+        if end is None:
             return
         head, rest = bytes(self.buf[: end + 4]), bytes(self.buf[end + 4 :])
         self.buf.clear()
@@ -221,10 +231,6 @@ class Client(FramePump):
         self.upstream = upstream
         self.head_done = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
-
     def data_received(self, data: bytes) -> None:
         if self.framing:
             self.frames(data)
@@ -232,10 +238,8 @@ class Client(FramePump):
         self.buf += data
         if self.head_done:  # waiting for the upstream's 101: keep early frames
             return
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_HEAD:
-                self.transport.close()
+        end = self.head_end()
+        if end is None:
             return
         head = bytes(self.buf[:end])
         del self.buf[: end + 4]

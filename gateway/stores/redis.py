@@ -11,8 +11,8 @@ Redis server so that instances agree; ``get_many_or_add`` one of :data:`GET_MANY
 one of :data:`WRITE` (on one Redis). The scripts are loaded again automatically after a Redis restart.
 On one Redis, the commands that requests start in the same turn of the event loop (takes, cache
 lookups, stores, locks) go out together in one pipeline: one round trip and one connection for
-all of them (256 requests' commands at most: a full batch goes out at once, so that Redis, on
-another core, works on it while the turn goes on). redis-py's cost per call (a pooled connection
+all of them (256 requests' commands at most: a burst beyond that goes out in full batches as they
+fill, which Redis, on another core, works on while the turn goes on). redis-py's cost per call (a pooled connection
 taken and given back, a round trip awaited) is most of what a command costs the gateway in CPU,
 so this "auto-pipelining" (ioredis has it too) is what keeps a busy gateway's Redis bill low.
 Each command is still its own atomic step; one request's commands still run in its order. The
