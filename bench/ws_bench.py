@@ -1,9 +1,9 @@
 """WebSocket relay rate and round trips (issue 6.5), and memory per idle connection.
 
-``ws-relay``: an aiohttp echo backend (``ws_echo.py``, pinned to the load CPU) reached
+``ws-relay``: an echo backend (``ws_echo.py``, frame level, pinned to the load CPU) reached
 directly, through nginx's WebSocket proxy, through the minimal aiohttp relay
 (``minimal_ws_relay.py``, the issue 8 reference) and through the gateway (all three on the
-server CPU). ``ws_client.py rtt`` (one process, pinned to the load CPU) runs ``CLIENTS``
+server CPU). ``ws_client.py rtt`` (one process, frame level, pinned to the load CPU) runs ``CLIENTS``
 sockets, each sending a 64-byte text message and waiting for its echo; targets alternate
 per round as in the HTTP benchmark.
 

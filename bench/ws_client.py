@@ -1,7 +1,9 @@
 """Load client for the WebSocket benchmark (and idle-connection holder), one process.
 
 ``rtt``: ``--clients`` WebSockets each send a message and wait for its echo, over and
-over. After ``--warmup`` seconds it prints ``measuring``, then after ``--seconds`` one
+over, on asyncio Protocols (``ws_wire.py``: the frames themselves, one masked message
+built once, its mask reused; no aiohttp on this path, whose per-message task wake-ups
+saturated the load core in relay runs). After ``--warmup`` seconds it prints ``measuring``, then after ``--seconds`` one
 JSON line: round trips, round trips/s, p50/p99 ms. The harness starts its CPU meter on
 ``measuring`` and reads it on the JSON line.
 
@@ -18,13 +20,16 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import signal
 import sys
 import time
+from typing import cast
 
 import aiohttp
 from loops import new_loop
+from ws_wire import TEXT, accept_key, frame, header_fields, new_key, split_frames, upgrade_request
 from yarl import URL
 
 OPEN_CONCURRENCY = 100  # handshakes in flight while opening idle connections
@@ -41,38 +46,98 @@ def percentile(sorted_values: list[float], percent: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * percent / 100))]
 
 
+class RoundTrips(asyncio.Protocol):
+    """One socket of ``rtt``: after the upgrade, a message out, its echo in, the next out at once."""
+
+    def __init__(self, message: bytes, size: int, latencies: list[float], phase: dict[str, bool]) -> None:
+        self.message = message  # the whole frame, masked (one mask per socket: see ws_wire.py)
+        self.size = size
+        self.latencies = latencies
+        self.phase = phase
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.key = new_key()
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            first, fields = header_fields(bytes(self.buffer[:end]))
+            del self.buffer[: end + 4]
+            if not first.startswith(b"HTTP/1.1 101") or fields.get(b"sec-websocket-accept") != accept_key(self.key):
+                self.fail(RuntimeError(f"upgrade refused: {first!r}"))
+                return
+            self.upgraded.set_result(None)
+            self.send()
+        for _fin, opcode, payload in split_frames(self.buffer):
+            if opcode != TEXT or len(payload) != self.size:
+                self.fail(RuntimeError(f"unexpected reply: opcode {opcode}, {len(payload)} bytes"))
+                return
+            if self.phase["measuring"]:
+                self.latencies.append(time.perf_counter() - self.sent_at)
+            if self.phase["stop"]:
+                self.fail(None)
+                return
+            self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.message)
+
+    def fail(self, error: Exception | None) -> None:
+        for future in (self.upgraded, self.ended):
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.fail(RuntimeError(f"connection lost: {exc}"))
+
+
 async def rtt(url: str, clients: int, size: int, warmup: float, seconds: float) -> dict[str, float]:
-    message = "x" * size
+    """Round trips on ``clients`` sockets, spoken at the frame level (``ws_wire.py``): a round trip
+    costs this process one write and one read, so the load core has room for the relay's pace."""
+    target = URL(url)
+    host, port = target.host or "127.0.0.1", target.port or 80
+    message = frame(TEXT, b"x" * size, mask=os.urandom(4))
     latencies: list[float] = []
     phase = {"measuring": False, "stop": False}
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        async with session.ws_connect(url, autoping=True, max_msg_size=0) as ws:
-            while not phase["stop"]:
-                started = time.perf_counter()
-                await ws.send_str(message)
-                reply = await ws.receive()
-                if reply.type is not aiohttp.WSMsgType.TEXT or len(reply.data) != size:
-                    raise RuntimeError(f"unexpected reply {reply.type!r}")
-                if phase["measuring"]:
-                    latencies.append(time.perf_counter() - started)
-
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = [asyncio.create_task(one(session)) for _ in range(clients)]
-        await asyncio.sleep(warmup)
-        for task in tasks:
-            if task.done():
-                task.result()  # a client that failed: raise its error now
-        print("measuring", flush=True)
-        phase["measuring"] = True
-        started = time.perf_counter()
-        await asyncio.sleep(seconds)
-        phase["measuring"] = False
-        elapsed = time.perf_counter() - started
-        count = len(latencies)
-        phase["stop"] = True
-        await asyncio.gather(*tasks)
+    loop = asyncio.get_running_loop()
+    sockets: list[RoundTrips] = []
+    for _ in range(clients):
+        transport, socket = await loop.create_connection(
+            lambda: RoundTrips(message, size, latencies, phase), host, port
+        )
+        transport.write(upgrade_request(host, port, target.raw_path_qs, socket.key))
+        sockets.append(socket)
+    await asyncio.gather(*(socket.upgraded for socket in sockets))
+    await asyncio.sleep(warmup)
+    for socket in sockets:
+        if socket.ended.done():
+            socket.ended.result()  # a socket that failed: raise its error now
+    print("measuring", flush=True)
+    phase["measuring"] = True
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    phase["measuring"] = False
+    elapsed = time.perf_counter() - started
+    count = len(latencies)
+    phase["stop"] = True
+    await asyncio.gather(*(socket.ended for socket in sockets))
     latencies.sort()
     return {
         "round_trips": count,
