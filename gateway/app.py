@@ -1,8 +1,8 @@
 """``create_app(config)``: the gateway as an aiohttp application (DESIGN §4, §5).
 
 Pure wiring: typed app keys, the two app-wide middlewares, resources born and closed in
-``cleanup_ctx`` (one pooled ``ClientSession`` per process, then the route table built on
-it), and :func:`dispatch`, the one aiohttp route. Process concerns (sockets, signals,
+``cleanup_ctx`` (one pooled ``ClientSession`` per process, for fetching a JWKS; the store;
+then the route table), and :func:`dispatch`, the one aiohttp route. Process concerns (sockets, signals,
 workers) live in :mod:`gateway.server`.
 """
 
@@ -199,7 +199,8 @@ async def _flushed(lines: LineBatcher) -> None:
 
 
 async def client_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled client session per process, with keep-alive to every upstream."""
+    """One pooled client session per process: the JWKS fetches. (Proxied requests go out on each
+    upstream's own connections, :mod:`gateway.upstream_http`; WebSockets on connections of their own.)"""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=10)
     async with aiohttp.ClientSession(
         connector=connector,
@@ -245,7 +246,7 @@ async def jwt_keys(app: web.Application) -> AsyncIterator[None]:
 
 
 async def route_table(app: web.Application) -> AsyncIterator[None]:
-    """Build every route's chain once, on the shared session."""
+    """Build every route's chain once."""
     holder = app[ROUTES]
     holder.keys = app.get(KEYS)
     holder.table, holder.pools = build_routes(app, app[CONFIG], keys=holder.keys)
@@ -262,12 +263,11 @@ def build_routes(
     keys: KeySource | None,
     previous: RouteHolder | None = None,
 ) -> tuple[RouteTable, dict[str, UpstreamPool]]:
-    """Every route's chain for ``config``, on the app's session and store (at startup, and again
+    """Every route's chain for ``config``, on the app's store (at startup, and again
     on each reload). The pool of a service whose upstreams and breaker are unchanged is taken
     from ``previous``, so its breaker state survives a reload; rate-limit budgets live in the store."""
     jwt = config.jwt
     forwarder = Forwarder(
-        app[SESSION],
         trusted_proxies=config.trusted_proxies,
         max_body=config.limits.max_body,
         strip_headers=frozenset(claim_header_names(jwt)) if jwt else frozenset(),

@@ -94,14 +94,12 @@ class Forwarder:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         *,
         trusted_proxies: Sequence[IPNetwork],
         max_body: int,
         strip_headers: frozenset[str] = frozenset(),
         claim_headers: Callable[[Mapping[str, Any] | None], dict[str, str]] | None = None,
     ) -> None:
-        self.session = session  # for the WebSocket relay; HTTP goes out on each upstream's connections
         self._trusted = tuple(trusted_proxies)
         self.max_body = max_body
         self._strip = HOP_BY_HOP | _REQUEST_OWN | frozenset(h.lower() for h in strip_headers)

@@ -40,6 +40,7 @@ __all__ = (
     "ReadTimeout",
     "UpstreamError",
     "UpstreamResponse",
+    "request_head",
 )
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class ConnectionPool:
         if self.closed:
             raise ConnectFailed(f"the connection pool of {self.host_header} is closed")
         # (before taking a connection: a head refused here must not cost one)
-        head = _request_head(method, target, self.host_header, headers, body, content_length)
+        head = request_head(method, target, self.host_header, headers, body, content_length)
         connection = self._idle_connection()
         if connection is None:
             connection = await self._connect(connect_timeout)
@@ -140,12 +141,18 @@ class ConnectionPool:
         return None
 
     async def _connect(self, connect_timeout: float | None) -> _Connection:
+        connection = _Connection(self, asyncio.get_running_loop())
+        await self.connect(connection, connect_timeout)
+        return connection
+
+    async def connect(self, protocol: asyncio.Protocol, connect_timeout: float | None) -> None:
+        """A new connection to the origin (TLS for https), not pooled, for ``protocol`` (a
+        WebSocket relay's upstream side). Raises ConnectTimeout or ConnectFailed."""
         loop = asyncio.get_running_loop()
-        connection = _Connection(self, loop)
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.create_connection(
-                    lambda: connection,
+                    lambda: protocol,
                     self.host,
                     self.port,
                     ssl=self._ssl,
@@ -156,7 +163,6 @@ class ConnectionPool:
             raise ConnectTimeout(f"no connection to {self.host_header} {within}") from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectFailed(f"connecting to {self.host_header} failed: {exc}") from exc
-        return connection
 
     def _release(self, connection: _Connection) -> None:
         """A connection whose response is complete: kept for the next request, or closed."""
@@ -183,7 +189,7 @@ class ConnectionPool:
             self._sweep = loop.call_at(idle[0].idle_since + self._keepalive, self._expire)
 
 
-def _request_head(
+def request_head(
     method: str,
     target: str,
     host: str,

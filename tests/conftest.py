@@ -82,6 +82,7 @@ class GatewayTestServer(TestServer):
     """A test server on the production runner (``GatewayRunner``: its protocol, its limits, the hit lane)."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs.setdefault("access_log", None)  # as `gateway run`: the gateway writes its own access log
         return GatewayRunner(self.app, **kwargs)
 
 

@@ -147,7 +147,6 @@ def test_upstream_headers_never_carry_hop_by_hop_spoofed_or_connection_named_hea
     from middleware.base import REQUEST_ID
 
     forwarder = Forwarder(
-        None,  # type: ignore[arg-type]  # the session is the WebSocket relay's; not used here
         trusted_proxies=(),
         max_body=1024,
         strip_headers=frozenset({"X-User-Id"}),

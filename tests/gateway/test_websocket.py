@@ -94,6 +94,18 @@ async def _socket(request: web.Request) -> web.StreamResponse:
         seen.closed.set()
 
 
+async def _with_fields(request: web.Request) -> web.StreamResponse:
+    """Accepts with fields of its own on the 101: two cookies, a field, and one named hop-by-hop."""
+    ws = web.WebSocketResponse()
+    ws.headers.add("Set-Cookie", "a=1; Path=/")
+    ws.headers.add("Set-Cookie", "b=2; Path=/")
+    ws.headers["X-Upstream"] = "yes"
+    ws.headers["Keep-Alive"] = "timeout=5"
+    await ws.prepare(request)
+    await ws.receive()
+    return ws
+
+
 async def _refuse(request: web.Request) -> web.Response:
     return web.Response(status=int(request.match_info["status"]), text="no\n", headers={"Retry-After": "7"})
 
@@ -114,6 +126,7 @@ async def ws_upstream(aiohttp_server: AiohttpServer) -> TestServer:
     app[SEEN] = Seen()
     app.router.add_get("/ws", _socket)
     app.router.add_get("/ws/{tail:.*}", _socket)
+    app.router.add_get("/fields", _with_fields)
     app.router.add_get("/refuse/{status}", _refuse)
     app.router.add_get("/hang", _hang)
     app.router.add_get("/slow", _slow_socket)
@@ -201,6 +214,16 @@ async def test_subprotocol_is_the_one_the_upstream_chose(
 async def test_subprotocol_with_websockets(gateway: GatewayClient) -> None:
     async with connect(ws_url(gateway, "/api/ws/ws"), subprotocols=["chat"]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "chat"
+
+
+async def test_fields_of_the_upstreams_101_reach_the_client_less_hop_by_hop(gateway: GatewayClient) -> None:
+    async with gateway.ws_connect("/api/ws/fields") as ws:
+        headers = ws._response.headers
+        assert headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        assert headers["X-Upstream"] == "yes"
+        assert "Keep-Alive" not in headers
+        assert len(headers.getall("Sec-WebSocket-Accept")) == 1
+        assert len(headers.getall("Date")) == 1
 
 
 async def test_client_close_code_and_reason_reach_the_upstream(gateway: GatewayClient, ws_upstream: TestServer) -> None:
