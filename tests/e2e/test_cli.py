@@ -24,6 +24,7 @@ import jwt
 import psutil
 import pytest
 
+from gateway.cli import workers_count
 from tests.conftest import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -415,3 +416,28 @@ def test_run_on_a_busy_port_exits_1_cleanly(tmp_path: Path, start: Start, users_
     assert process.popen.wait(timeout=15) == 1
     assert f"gateway: cannot serve on 127.0.0.1:{users_backend}" in process.stderr
     assert "Traceback" not in process.stderr
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_run_on() -> None:
+    assert workers_count("auto") == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_run_with_a_bad_workers_count_exits_2_with_a_message(tmp_path: Path, users_backend: int, value: str) -> None:
+    result = subprocess.run(
+        [*PYTHON_M, "run", "-c", str(run_config(tmp_path, users_backend)), "--workers", value],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--workers" in result.stderr
+
+
+def test_more_workers_than_usable_cpus_is_a_warning_and_still_serves(
+    tmp_path: Path, start: Start, users_backend: int
+) -> None:
+    port = free_port()
+    config = run_config(tmp_path, users_backend)
+    process = start("taskset", "-c", "0", *PYTHON_M, "run", "-c", str(config), "--port", str(port), "--workers", "2")
+    wait_for_port(port, timeout=15)
+    process.wait_for(lambda: "2 workers on 1 usable CPU:" in process.stderr)
+    assert get(port, "/api/users/health")[0] == 200
