@@ -3,6 +3,7 @@ promises for any input, not only the ones we thought of (DESIGN §3, §4)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -195,3 +196,91 @@ def test_cache_key_ignores_unkeyed_headers_and_keeps_keyed_ones(
     assert (digest({"Host": host_b}, subject) == base) == (host_a == host_b)
     other = None if subject is not None else "someone"
     assert digest({"Host": host_a}, other) != base  # alice, bob and anonymous never share an entry
+
+
+# -- the WebSocket relay's frame splitting (gateway/ws_relay.py) ----------------------------------
+
+
+class _Sink:
+    """The other side of a Peer: what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.client = False
+        self._empty_pings = 0
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+
+class _RelayStub:
+    """What a Peer asks of its Relay, recorded."""
+
+    max_message = 1 << 20
+
+    def __init__(self) -> None:
+        self.ends: list[object] = []
+        self.last = 0.0
+
+    def now(self) -> float:
+        return 0.0
+
+    def admit(self, now: float) -> bool:
+        return True
+
+    def end(self, end: object) -> None:
+        self.ends.append(end)
+
+    def closed(self, peer: object) -> None:
+        pass
+
+
+_client_frames = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from([0x1, 0x2]), st.binary(max_size=300)),  # text / binary, whole
+        st.tuples(st.just(0x9), st.binary(min_size=1, max_size=125)),  # a ping with a payload
+    ),
+    max_size=12,
+)
+
+
+@FUZZ
+@given(frames=_client_frames, cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=8))
+def test_client_frames_pass_through_byte_for_byte_however_the_reads_split_them(
+    frames: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    from gateway.ws_frames import frame
+    from gateway.ws_relay import Peer
+
+    stream = b"".join(frame(opcode, payload, masked=True) for opcode, payload in frames)
+    relay = _RelayStub()
+    peer = Peer(relay, client=True)  # type: ignore[arg-type]
+    sink = _Sink()
+    peer.other = sink  # type: ignore[assignment]
+    points = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    for start, end in itertools.pairwise(points):
+        peer.received(stream[start:end])
+    assert b"".join(sink.sent) == stream
+    assert relay.ends == []
+    assert not peer.buffer
+
+
+@FUZZ
+@given(frames=_client_frames, split=st.integers(min_value=0, max_value=5000))
+def test_a_close_frame_ends_the_relay_after_every_frame_before_it_passed(
+    frames: list[tuple[int, bytes]], split: int
+) -> None:
+    from gateway.ws_frames import CLOSE, frame
+    from gateway.ws_relay import How, Peer
+
+    before = b"".join(frame(opcode, payload, masked=True) for opcode, payload in frames)
+    stream = before + frame(CLOSE, b"\x0f\xa0bye", masked=True) + frame(0x1, b"after", masked=True)
+    relay = _RelayStub()
+    peer = Peer(relay, client=True)  # type: ignore[arg-type]
+    sink = _Sink()
+    peer.other = sink  # type: ignore[assignment]
+    cut = split % (len(stream) + 1)
+    peer.received(stream[:cut])
+    peer.received(stream[cut:])
+    assert b"".join(sink.sent) == before
+    assert [(end.how, end.code, end.reason) for end in relay.ends] == [(How.CLOSED, 4000, "bye")]  # type: ignore[attr-defined]
