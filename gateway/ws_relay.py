@@ -26,6 +26,9 @@ a close frame and a closing handshake bounded by :data:`CLOSE_TIMEOUT`):
 - no text or binary frame either way for ``idle_timeout``: 1001 ``idle timeout``;
 - :meth:`Relay.stop` (the token's expiry, shutdown): both sides get its code.
 
+Nothing more from a side whose frames ended the relay is passed on: over the rate, its frames
+are still read for its close frame; after a broken frame or a message too big it is not read again.
+
 Both sides also get an empty ping after ``ping_interval`` (up to one and a half of it) without
 a frame from them; no frame within half of ``ping_interval`` after it counts as the peer
 vanishing. An empty pong is passed on only when it answers an empty ping passed on the other
@@ -89,6 +92,7 @@ class Peer:
         "closed",
         "gone",
         "heard",
+        "muted",
         "other",
         "quiet",
         "relay",
@@ -110,6 +114,7 @@ class Peer:
         self.quiet = 0  # heartbeats in a row with nothing heard
         self.closed = False  # its close frame came (nothing from it is passed on after that)
         self.close_sent = False  # it was sent a close frame (nothing more may follow)
+        self.muted = False  # what it sends is not passed on any more (it went over the rate)
         self.gone = False  # its connection is lost or closed
 
     # -- reading ---------------------------------------------------------------------------
@@ -201,10 +206,23 @@ class Peer:
         else:
             self._pass(chunk, start, at)
             buffer.clear()
+            self._stop_passing(end)
             self.relay.end(end)
 
+    def _stop_passing(self, end: End) -> None:
+        """After what this side sent ended the relay, nothing more of it is passed on: over the
+        rate, its frames are still read for its close; after a broken frame or a message too big,
+        where the next frame starts is unknown, so it is read no more (its answer is not awaited)."""
+        if end.how is How.CLOSED:
+            return
+        if end.code == WSCloseCode.POLICY_VIOLATION:
+            self.muted, self._admit = True, None
+        else:
+            self.closed = True
+            self.relay.closed(self)
+
     def _pass(self, chunk: bytes | bytearray, start: int, end: int) -> None:
-        if end > start:
+        if end > start and not self.muted:
             whole = start == 0 and end == len(chunk) and type(chunk) is bytes
             self.other.send(chunk if whole else bytes(chunk[start:end]))  # type: ignore[arg-type]
 

@@ -284,3 +284,47 @@ def test_a_close_frame_ends_the_relay_after_every_frame_before_it_passed(
     peer.received(stream[cut:])
     assert b"".join(sink.sent) == before
     assert [(end.how, end.code, end.reason) for end in relay.ends] == [(How.CLOSED, 4000, "bye")]  # type: ignore[attr-defined]
+
+
+class _RateStub(_RelayStub):
+    """A relay that admits ``allowed`` messages from the client, refuses the next, and admits
+    again after that (its budget refilled, as time passing refills the real one)."""
+
+    def __init__(self, allowed: int) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def admit(self, now: float) -> bool:
+        self.allowed -= 1
+        return self.allowed != -1
+
+
+def test_nothing_a_client_sends_after_going_over_the_rate_is_passed_on_but_its_close_is_seen() -> None:
+    from gateway.ws_frames import CLOSE, TEXT, frame
+    from gateway.ws_relay import How, Peer
+
+    relay = _RateStub(allowed=2)
+    peer = Peer(relay, client=True)  # type: ignore[arg-type]
+    sink = _Sink()
+    peer.other = sink  # type: ignore[assignment]
+    two = frame(TEXT, b"one", masked=True) + frame(TEXT, b"two", masked=True)
+    peer.received(two + frame(TEXT, b"three", masked=True))
+    peer.received(frame(TEXT, b"four", masked=True))  # a later read, before the relay closes
+    peer.received(frame(CLOSE, b"\x03\xe8", masked=True))
+    assert b"".join(sink.sent) == two
+    assert [(end.how, end.code) for end in relay.ends] == [(How.POLICY, 1008), (How.CLOSED, 1000)]  # type: ignore[attr-defined]
+    assert peer.closed
+
+
+def test_after_a_broken_frame_nothing_more_of_that_side_is_read() -> None:
+    from gateway.ws_frames import TEXT, frame
+    from gateway.ws_relay import How, Peer
+
+    relay = _RelayStub()
+    peer = Peer(relay, client=True)  # type: ignore[arg-type]
+    sink = _Sink()
+    peer.other = sink  # type: ignore[assignment]
+    peer.received(frame(TEXT, b"unmasked", masked=False))
+    peer.received(frame(TEXT, b"fine", masked=True))
+    assert sink.sent == []
+    assert [(end.how, end.code) for end in relay.ends] == [(How.BROKE, 1002)]  # type: ignore[attr-defined]
