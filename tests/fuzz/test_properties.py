@@ -328,3 +328,25 @@ def test_after_a_broken_frame_nothing_more_of_that_side_is_read() -> None:
     peer.received(frame(TEXT, b"fine", masked=True))
     assert sink.sent == []
     assert [(end.how, end.code) for end in relay.ends] == [(How.BROKE, 1002)]  # type: ignore[attr-defined]
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), cut=st.integers(min_value=0, max_value=400), client=st.booleans())
+def test_any_bytes_from_a_peer_pass_on_a_prefix_of_themselves_or_end_the_relay_never_raise(
+    data: bytes, cut: int, client: bool
+) -> None:
+    from gateway.ws_relay import Peer
+
+    relay = _RelayStub()
+    peer = Peer(relay, client=client)  # type: ignore[arg-type]
+    sink = _Sink()
+    sink._empty_pings = 10**9  # every empty pong answers a ping: none is dropped, so what passes is a prefix
+    peer.other = sink  # type: ignore[assignment]
+    cut %= len(data) + 1
+    peer.received(data[:cut])
+    peer.received(data[cut:])
+    passed = b"".join(sink.sent)
+    assert data.startswith(passed)  # whole frames as they came, in order, nothing made up
+    assert len(relay.ends) <= 1
+    if relay.ends:
+        assert len(peer.buffer) == 0
