@@ -9,7 +9,11 @@ body. Keep-alive; one request at a time per connection (no pipelining); GET with
 no routing, no request id, no access log, no metrics, no limits. Any path goes to the upstream's
 same path.
 
-    python bench/lane_prototype.py --upstream http://127.0.0.1:8081 --port 8093
+    python bench/lane_prototype.py --upstream http://127.0.0.1:8081 --port 8093 [--aiohttp]
+
+``--aiohttp`` serves the same proxy through aiohttp's server instead (one catch-all handler, no
+middleware, the access log off, the response a ``web.Response``): the difference between the two
+is aiohttp's server side alone, the rest of the gateway's cost being its own features.
 
 Not part of `make bench`: the measure of what a "proxying lane" below aiohttp could save at most
 (bench/README.md, thirteenth session).
@@ -22,7 +26,9 @@ import asyncio
 from typing import cast
 
 import httptools
+from aiohttp import web
 from loops import new_loop
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.proxy import HOP_BY_HOP
@@ -81,6 +87,30 @@ class Lane(asyncio.Protocol):
         self.transport.write("".join(lines).encode("latin-1") + body)
 
 
+async def serve_aiohttp(upstream: str, port: int) -> None:
+    pool = ConnectionPool(URL(upstream))
+
+    async def proxy(request: web.Request) -> web.Response:
+        sent = [(n, v) for n, v in request.headers.items() if n.lower() not in HOP_BY_HOP and n.lower() != "host"]
+        try:
+            async with await pool.request(request.method, request.raw_path, sent, None) as response:
+                body = await response.read()
+                fields = [(n, v) for n, v in response.headers if n.lower() not in HOP_BY_HOP]
+                status, reason = response.status, response.reason
+        except UpstreamError:
+            return web.Response(status=502)
+        kept = CIMultiDict((n, v) for n, v in fields if n.lower() != "content-length")
+        return web.Response(status=status, reason=reason, headers=kept, body=body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    print(f"aiohttp on the same upstream client on http://127.0.0.1:{port} -> {upstream}", flush=True)
+    await asyncio.Event().wait()
+
+
 async def serve(upstream: str, port: int) -> None:
     pool = ConnectionPool(URL(upstream))
     loop = asyncio.get_running_loop()
@@ -94,10 +124,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--aiohttp", action="store_true", help="serve through aiohttp's server instead")
     args = parser.parse_args()
     _, loop = new_loop()
     try:
-        loop.run_until_complete(serve(args.upstream, args.port))
+        loop.run_until_complete((serve_aiohttp if args.aiohttp else serve)(args.upstream, args.port))
     finally:
         loop.close()
 
