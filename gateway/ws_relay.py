@@ -28,6 +28,8 @@ a close frame and a closing handshake bounded by :data:`CLOSE_TIMEOUT`):
 
 Nothing more from a side whose frames ended the relay is passed on: over the rate, its frames
 are still read for its close frame; after a broken frame or a message too big it is not read again.
+Once the closing handshake has begun nothing more is passed on either way, and a side that flow
+control had stopped reading is read again, for its close frame.
 
 Both sides also get an empty ping after ``ping_interval`` (up to one and a half of it) without
 a frame from them; no frame within half of ``ping_interval`` after it counts as the peer
@@ -418,6 +420,14 @@ class Relay:
 
     async def _close(self, end: End) -> None:
         client, upstream = self.client, self.upstream
+        # From here on the peers' close frames are awaited, not their messages: what either sends is
+        # no longer passed on, and both are read again if flow control had paused one.
+        if self._draining is not None:
+            self._draining.cancel()
+        for peer in (client, upstream):
+            peer.muted = True
+            if peer.transport is not None and not peer.transport.is_closing():
+                peer.transport.resume_reading()
         source, other = (client, upstream) if end.from_client else (upstream, client)
         if end.how is How.POLICY:
             client.send_close(end.code, end.reason)

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestServer
 
+from gateway.websocket import OPEN_RELAYS
 from tests.conftest import GatewayClient, MakeGateway, upstream
 from tests.gateway.test_websocket import eventually, receive, routes, seen
 from tests.gateway.test_websocket import ws_upstream as ws_upstream  # a fixture: the echoing upstream
@@ -352,3 +353,50 @@ async def test_heartbeat_pings_to_the_client_are_not_masked(make_gateway: MakeGa
     async with raw_client(gateway) as client:
         ping = await read_frame(client.reader, within=2)
     assert (ping.opcode, ping.fin, ping.masked, ping.payload) == (PING, True, False, b"")
+
+
+# -- flow control ----------------------------------------------------------------------------------
+
+
+async def test_an_upstream_that_does_not_read_stops_the_gateway_reading_the_client(
+    make_gateway: MakeGateway, raw_upstream: StartRaw
+) -> None:
+    stop = asyncio.Event()
+
+    async def deaf(peer: Peer) -> None:  # accepts, then reads nothing until told to go
+        peer.send(switching(_accept(await _key(peer))))
+        await peer.drain()
+        await stop.wait()
+        peer.writer.transport.abort()
+
+    server = await raw_upstream(deaf)
+    gateway = await make_gateway(routes(str(server.origin), "{messages_per_second: 100000}"))
+    message = build(0x2, b"x" * 65536)
+    try:
+        async with raw_client(gateway) as client:
+            for _ in range(512):  # 32 MiB, more than the kernel's buffers on both sockets hold
+                client.writer.write(message)
+            await asyncio.sleep(1.0)
+            (relay,) = gateway.app[OPEN_RELAYS]._relays
+            assert relay.upstream.transport is not None
+            assert relay.upstream.transport.get_write_buffer_size() < 1024 * 1024
+            assert client.writer.transport.get_write_buffer_size() > 8 * 1024 * 1024  # held back at the client
+            stop.set()  # the upstream goes: the relay ends without waiting for its closing handshake
+            client.writer.transport.abort()
+    finally:
+        stop.set()
+
+
+async def test_a_close_from_a_client_that_does_not_read_ends_the_relay_without_waiting_out_the_timeout(
+    make_gateway: MakeGateway, ws_upstream: TestServer
+) -> None:
+    gateway = await make_gateway(routes(upstream(ws_upstream), "{max_message: 16MiB}"))
+    async with raw_client(gateway) as client:
+        await client.send(build(TEXT, b"big 8000000"))  # the upstream sends 8 MB the client never reads
+        await eventually(lambda: seen(ws_upstream).texts == ["big 8000000"])
+        await asyncio.sleep(0.5)  # the gateway stops reading the upstream: the client is backed up
+        await client.send(build(CLOSE, struct.pack("!H", 1000)))
+        started = asyncio.get_running_loop().time()
+        await eventually(lambda: len(gateway.app[OPEN_RELAYS]) == 0, within=4.0)  # CLOSE_TIMEOUT is 5 s
+        assert asyncio.get_running_loop().time() - started < 2.0
+    assert seen(ws_upstream).closes == [(1000, "")]
