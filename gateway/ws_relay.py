@@ -375,6 +375,7 @@ class Relay:
         self._timers: list[asyncio.TimerHandle] = []
         self._writer: AbstractStreamWriter | None = None
         self._draining: asyncio.Task[None] | None = None
+        self._closing = False  # the closing handshake has begun
         self.client = Peer(self, client=True)
         self.upstream = Peer(self, client=False)
         self.client.other, self.upstream.other = self.upstream, self.client
@@ -422,6 +423,7 @@ class Relay:
         client, upstream = self.client, self.upstream
         # From here on the peers' close frames are awaited, not their messages: what either sends is
         # no longer passed on, and both are read again if flow control had paused one.
+        self._closing = True  # and flow control stops pausing either
         if self._draining is not None:
             self._draining.cancel()
         for peer in (client, upstream):
@@ -518,7 +520,7 @@ class Relay:
 
     def client_backed_up(self) -> None:
         """The client's socket holds more than HIGH_WATER unsent: stop reading the upstream until it drains."""
-        if self._draining is not None or self._writer is None:
+        if self._draining is not None or self._writer is None or self._closing:
             return
         upstream = self.upstream.transport
         if upstream is not None and not upstream.is_closing():
@@ -538,7 +540,7 @@ class Relay:
 
     def pause_client(self) -> None:
         transport = self.client.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing() and not self._closing:
             transport.pause_reading()
 
     def resume_client(self) -> None:
