@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import resource
 import signal
 import sys
@@ -72,7 +71,10 @@ class RoundTrips(asyncio.Protocol):
                 return
             first, fields = header_fields(bytes(self.buffer[:end]))
             del self.buffer[: end + 4]
-            if not first.startswith(b"HTTP/1.1 101") or fields.get(b"sec-websocket-accept") != accept_key(self.key):
+            if (
+                not first.startswith(b"HTTP/1.1 101")
+                or fields.get(b"sec-websocket-accept") != accept_key(self.key).encode()
+            ):
                 self.fail(RuntimeError(f"upgrade refused: {first!r}"))
                 return
             self.upgraded.set_result(None)
@@ -113,7 +115,7 @@ async def rtt(url: str, clients: int, size: int, warmup: float, seconds: float) 
     costs this process one write and one read, so the load core has room for the relay's pace."""
     target = URL(url)
     host, port = target.host or "127.0.0.1", target.port or 80
-    message = frame(TEXT, b"x" * size, mask=os.urandom(4))
+    message = frame(TEXT, b"x" * size, masked=True)
     latencies: list[float] = []
     phase = {"measuring": False, "stop": False}
     loop = asyncio.get_running_loop()

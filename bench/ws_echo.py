@@ -63,7 +63,7 @@ class Echo(asyncio.Protocol):
             return
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key.decode("latin-1")).encode() + b"\r\n\r\n"
         )
         self.upgraded = True
 
@@ -72,11 +72,11 @@ class Echo(asyncio.Protocol):
         out = []
         for fin, opcode, payload in split_frames(self.buffer):
             if opcode in (TEXT, BINARY) and fin:
-                out.append(frame(opcode, payload))
+                out.append(frame(opcode, payload, masked=False))
             elif opcode == PING:
-                out.append(frame(PONG, payload))
+                out.append(frame(PONG, payload, masked=False))
             elif opcode == CLOSE:
-                out.append(frame(CLOSE, payload[:2]))
+                out.append(frame(CLOSE, payload[:2], masked=False))
                 self.transport.write(b"".join(out))
                 self.transport.close()
                 return

@@ -4,20 +4,33 @@ The relay benchmark's load side (``ws_client.py rtt`` and ``ws_echo.py``) shares
 on aiohttp it saturated that core before any relay did (bench/README.md, twelfth and thirteenth
 sessions): round trips a second then measured the load side. These helpers let both work on
 asyncio Protocols instead, a message costing them a read and a write, no task or future. Only
-what the benchmark needs: the opening handshake, whole frames split off a buffer, frames built
-with or without a mask. No extensions, no fragmentation on the sending side.
+what the benchmark needs on top of the gateway's own RFC 6455 helpers (:mod:`gateway.ws_frames`:
+keys, frames built masked or not, masking): the opening handshake's heads and whole frames split off
+a buffer, unmasked. No extensions, no fragmentation on the sending side.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import os
-import struct
 from typing import NamedTuple
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+from gateway.ws_frames import BINARY, CLOSE, PING, PONG, TEXT, accept_key, frame, mask, new_key
+
+__all__ = (
+    "BINARY",
+    "CLOSE",
+    "MAX_HEAD",
+    "PING",
+    "PONG",
+    "TEXT",
+    "Frame",
+    "accept_key",
+    "frame",
+    "header_fields",
+    "new_key",
+    "split_frames",
+    "upgrade_request",
+)
+
 MAX_HEAD = 16 * 1024  # bytes an HTTP head may take before the peer is dropped
 
 
@@ -27,19 +40,10 @@ class Frame(NamedTuple):
     payload: bytes  # unmasked
 
 
-def accept_key(key: bytes) -> bytes:
-    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key``."""
-    return base64.b64encode(hashlib.sha1(key.strip() + GUID).digest())
-
-
-def new_key() -> bytes:
-    return base64.b64encode(os.urandom(16))
-
-
-def upgrade_request(host: str, port: int, path: str, key: bytes) -> bytes:
+def upgrade_request(host: str, port: int, path: str, key: str) -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
 
 
@@ -52,29 +56,6 @@ def header_fields(head: bytes) -> tuple[bytes, dict[bytes, bytes]]:
         if colon:
             fields[name.strip().lower()] = value.strip()
     return first, fields
-
-
-def unmask(mask: bytes, payload: bytes) -> bytes:
-    if not payload:
-        return payload
-    n = len(payload)
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-
-
-def frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
-    """One final frame; masked with ``mask`` (4 bytes: a client's) when given."""
-    n = len(payload)
-    bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, bit | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x80 | opcode, bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, bit | 127, n)
-    if mask is None:
-        return head + payload
-    return head + mask + unmask(mask, payload)  # masking and unmasking are the same XOR
 
 
 def split_frames(buffer: bytearray) -> list[Frame]:
@@ -92,14 +73,14 @@ def split_frames(buffer: bytearray) -> list[Frame]:
             if size - at < 10:
                 break
             length, head = int.from_bytes(buffer[at + 2 : at + 10], "big"), 10
-        mask = None
+        key = None
         if b1 & 0x80:
-            mask, head = bytes(buffer[at + head : at + head + 4]), head + 4
+            key, head = bytes(buffer[at + head : at + head + 4]), head + 4
         end = at + head + length
         if end > size:
             break
         payload = bytes(buffer[at + head : end])
-        frames.append(Frame(bool(b0 & 0x80), b0 & 0x0F, unmask(mask, payload) if mask else payload))
+        frames.append(Frame(bool(b0 & 0x80), b0 & 0x0F, mask(key, payload) if key else payload))
         at = end
     del buffer[:at]
     return frames

@@ -146,17 +146,19 @@ class WebSocketRelay:
         self._handshake_timeout = route.connect_timeout + route.timeout
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        if request.method != hdrs.METH_GET or not web.WebSocketResponse().can_prepare(request).ok:
-            raise Problem(400, "not a valid WebSocket upgrade request (GET, Upgrade, Sec-WebSocket-Key/Version 13)")
-        relays = request.app.get(OPEN_RELAYS)
-        if relays is not None and relays.closing:
-            raise Problem(503, "the gateway is shutting down", headers={"Retry-After": "1"})
         offered = tuple(
             name.strip()
             for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
             for name in value.split(",")
             if name.strip()
         )
+        # aiohttp's own check of the handshake; told the offered subprotocols, so that it does not
+        # warn that none of them is known (which subprotocol is chosen is the upstream's business)
+        if request.method != hdrs.METH_GET or not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
+            raise Problem(400, "not a valid WebSocket upgrade request (GET, Upgrade, Sec-WebSocket-Key/Version 13)")
+        relays = request.app.get(OPEN_RELAYS)
+        if relays is not None and relays.closing:
+            raise Problem(503, "the gateway is shutting down", headers={"Retry-After": "1"})
         upstream, chosen, passed = await self._connect(request, offered)
         headers = CIMultiDict(passed)
         headers[hdrs.UPGRADE] = "websocket"

@@ -137,7 +137,9 @@ class Peer:
         self._need = 0
         at = start = 0  # frames [start, at) are to be passed on
         masked = 0x80 if self.client else 0
-        limit = self.relay.max_message
+        relay = self.relay
+        limit = relay.max_message
+        now = relay.now()  # one clock read for every frame of this read
         data_seen = False
         end: End | None = None
         while size - at >= 2:
@@ -172,7 +174,7 @@ class Peer:
                 data_seen = True
                 if b0 & 0x80:  # a message's last frame
                     self._message, self._fragmented = 0, False
-                    if self._admit is not None and not self._admit(self.relay.now()):
+                    if self._admit is not None and not self._admit(now):
                         end = self._over_rate()
                         break
                 else:
@@ -186,11 +188,11 @@ class Peer:
                 self._pass(chunk, start, at)
                 start = at = frame_end
                 self.closed = True
-                self.relay.closed(self)
+                relay.closed(self)
                 end = self._broke("bad close frame") if close is None else End(How.CLOSED, self.client, *close)
                 break
             else:  # ping or pong
-                if self._admit is not None and not self._admit(self.relay.now()):
+                if self._admit is not None and not self._admit(now):
                     end = self._over_rate()
                     break
                 if length == 0 and not self._empty(opcode):
@@ -198,7 +200,7 @@ class Peer:
                     start = frame_end
             at = frame_end
         if data_seen:
-            self.relay.last = self.relay.now()
+            relay.last = now
         if end is None:
             self._pass(chunk, start, at)
             if chunk is buffer:
@@ -209,7 +211,7 @@ class Peer:
             self._pass(chunk, start, at)
             buffer.clear()
             self._stop_passing(end)
-            self.relay.end(end)
+            relay.end(end)
 
     def _stop_passing(self, end: End) -> None:
         """After what this side sent ended the relay, nothing more of it is passed on: over the

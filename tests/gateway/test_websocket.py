@@ -211,6 +211,13 @@ async def test_subprotocol_is_the_one_the_upstream_chose(
     assert offered_upstream == (",".join(offered) or None)
 
 
+async def test_offered_subprotocols_log_no_warning(gateway: GatewayClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        async with gateway.ws_connect("/api/ws/ws", protocols=["x-unknown", "echo"]) as ws:
+            assert ws.protocol == "echo"
+    assert [r.getMessage() for r in caplog.records if r.name == "aiohttp.websocket"] == []
+
+
 async def test_subprotocol_with_websockets(gateway: GatewayClient) -> None:
     async with connect(ws_url(gateway, "/api/ws/ws"), subprotocols=["chat"]) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "chat"
