@@ -81,7 +81,10 @@ def create_app(
     server passes a batched stdout writer); without it they go to the ``gateway.access`` logger."""
     metrics = Metrics() if metrics is None else metrics
     requests = RequestIdMiddleware(
-        trusted_proxies=config.trusted_proxies, observe=metrics.observe, access_sink=access_log
+        trusted_proxies=config.trusted_proxies,
+        observe=metrics.observe,
+        access_sink=access_log,
+        errors=ProblemMiddleware().render,
     )
     app = web.Application(
         # request line 8190 bytes (414 beyond), header fields 16 KiB (431), idle keep-alive 75 s (nginx's)
@@ -98,7 +101,7 @@ def create_app(
     base.install(app)
     websocket.install(app)  # open relays tracked, closed with 1001 on shutdown
     # every path, even one with an encoded newline
-    app.router.register_resource(EveryPath(_app_wide(requests, ProblemMiddleware())))
+    app.router.register_resource(EveryPath(_app_wide(requests)))
     return app
 
 
@@ -161,17 +164,23 @@ class EveryPath(web_urldispatcher.AbstractResource):
         match_info = web_urldispatcher.UrlMappingMatchInfo(self._nothing, self._route)
         match_info.add_app(app)
         match_info.freeze()
-        handler = self._handler  # the chain itself: no wrapper frame on every resume of a request
+        handler = self._handler
 
-        async def handle(base_request: web.BaseRequest) -> web.StreamResponse:
+        async def expecting(request: web.Request) -> web.StreamResponse:
+            response = await match_info.expect_handler(request)
+            await request.writer.drain()
+            if response is not None:
+                return response
+            return await handler(request)
+
+        # A plain function handing back the chain's coroutine, not a coroutine of its own: no
+        # frame of it on every resume of the request (see dispatch).
+        def handle(base_request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
             request = cast("web.Request", base_request)  # the app's request factory makes web.Requests
             request._match_info = match_info
             if request.headers.get(hdrs.EXPECT):
-                response = await match_info.expect_handler(request)
-                await request.writer.drain()
-                if response is not None:
-                    return response
-            return await handler(request)
+                return expecting(request)
+            return handler(request)
 
         return handle
 
@@ -185,13 +194,14 @@ class EveryPath(web_urldispatcher.AbstractResource):
         return iter((self._route,))
 
 
-def _app_wide(requests: RequestIdMiddleware, problems: ProblemMiddleware) -> Handler:
-    """:func:`dispatch` inside the app-wide middlewares, composed here rather than given to
+def _app_wide(requests: RequestIdMiddleware) -> Handler:
+    """:func:`dispatch` inside the app-wide middleware, composed here rather than given to
     aiohttp: its middleware machinery (a context manager entered per middleware and request)
-    cost about 10k instructions of a plain proxied request's 470k, measured. Every request comes
+    cost about 10k instructions of a plain proxied request's 470k, measured. The request-id
+    middleware renders problems itself (``errors=``), so both are one frame. Every request comes
     here, through :meth:`EveryPath.handler_for`: even an authority-form ``CONNECT`` target, which
     the routing then refuses (400) like any target that is not an absolute path."""
-    return compose([requests, problems], dispatch)
+    return compose([requests], dispatch)
 
 
 async def _flushed(lines: LineBatcher) -> None:
@@ -310,8 +320,16 @@ def _state_gauges(app: web.Application, metrics: Metrics) -> None:
     metrics.websockets.set(len(relays) if relays is not None else 0)
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
-    """Find the route for the request and run its chain."""
+def dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
+    """Find the route for the request and hand back its chain's coroutine (or raise a Problem).
+
+    A plain function, not a coroutine: a request waits four or five times (its Redis take, its
+    cache lookup, the upstream's answer, its cache write), and every resume passes through every
+    coroutine frame between aiohttp's handler and the wait: six pass-through frames more cost a
+    full-chain request 6.6% more CPU, measured (bench/README.md, fourteenth session). So
+    :meth:`EveryPath.handler_for`'s ``handle``, the upstream pool's ``request`` and the store's
+    ``write`` hand back awaitables too, and the route chain runs auth and the rate limit as access
+    steps (:class:`gateway.chain.AccessSteps`) rather than nested around the rest."""
     table = request.app[ROUTES].table
     assert table is not None, "route_table runs at startup"
     match = table.match(request.method, request.raw_path)
@@ -325,4 +343,4 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if route.websocket is None:
             raise Problem(400, f"{route.service} does not accept WebSocket upgrades")
     request[TARGET] = match.target
-    return await match.handler(request)
+    return match.handler(request)

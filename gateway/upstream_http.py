@@ -25,7 +25,7 @@ import collections
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable
 from typing import Final, cast
 
 import httptools
@@ -95,7 +95,7 @@ class ConnectionPool:
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
-    async def request(
+    def request(
         self,
         method: str,
         target: str,
@@ -105,13 +105,16 @@ class ConnectionPool:
         content_length: int | None = None,
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
-    ) -> UpstreamResponse:
-        """Send one request and return once the response head is in; the body is read from
-        the response, which must be closed (``async with``) to give the connection back.
+    ) -> Awaitable[UpstreamResponse]:
+        """Send one request; awaited, it gives the response once its head is in. The body is
+        read from the response, which must be closed (``async with``) to give the connection back.
 
         ``target`` is the path and query as sent on the request line; ``headers`` must not
         carry Host, Content-Length or Transfer-Encoding: they are written from ``body``
-        (bytes: its length; a stream: ``content_length`` if known, else chunked).
+        (bytes: its length; a stream: ``content_length`` if known, else chunked). A plain
+        function handing back the exchange's coroutine: no frame of its own on the request's
+        wait for the answer (see :func:`gateway.app.dispatch`). A head it refuses, or a closed
+        pool, raises here, before anything is awaited.
         """
         if self.closed:
             raise ConnectFailed(f"the connection pool of {self.host_header} is closed")
@@ -119,8 +122,20 @@ class ConnectionPool:
         head = request_head(method, target, self.host_header, headers, body, content_length)
         connection = self._idle_connection()
         if connection is None:
-            connection = await self._connect(connect_timeout)
-        return await connection.exchange(method, head, body, content_length is None, read_timeout)
+            return self._exchange_on_new(method, head, body, content_length is None, connect_timeout, read_timeout)
+        return connection.exchange(method, head, body, content_length is None, read_timeout)
+
+    async def _exchange_on_new(
+        self,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        chunked: bool,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+    ) -> UpstreamResponse:
+        connection = await self._connect(connect_timeout)
+        return await connection.exchange(method, head, body, chunked, read_timeout)
 
     def close(self) -> None:
         """Close the idle connections now, and each busy one as soon as its response is done."""

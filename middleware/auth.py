@@ -398,13 +398,20 @@ class JwtAuthMiddleware:
         )
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        await self.access(request)
+        return await handler(request)
+
+    async def access(self, request: web.Request) -> None:
+        """The middleware's whole work, done before the handler and nothing after it: returns when
+        the request may go on (claims on ``request[CLAIMS]``), raises a 401/403 Problem when not.
+        The gateway's route chain calls this, not :meth:`__call__` (see :class:`gateway.chain.AccessSteps`)."""
         if self._policy.mode is AuthMode.NONE:
-            return await handler(request)
+            return
         token = self._token(request)
         if token is None:
             if self._policy.mode is AuthMode.REQUIRED:
                 raise Problem(401, "A bearer token is required", headers={hdrs.WWW_AUTHENTICATE: self._challenge})
-            return await handler(request)  # optional and absent: anonymous
+            return  # optional and absent: anonymous
 
         claims = await self._verify(token)
         request[CLAIMS] = claims
@@ -418,7 +425,6 @@ class JwtAuthMiddleware:
                 f"The token lacks the scope {', '.join(sorted(missing))}",
                 headers={hdrs.WWW_AUTHENTICATE: self._scope_challenge},
             )
-        return await handler(request)
 
     def _token(self, request: web.Request) -> str | None:
         for value in request.headers.getall(hdrs.AUTHORIZATION, ()):

@@ -135,10 +135,12 @@ class Store(Protocol):
         that guards filling the missing key (on a Cluster, give every key one hash tag)."""
         ...
 
-    async def write(self, *changes: Change) -> None:
+    def write(self, *changes: Change) -> Awaitable[None]:
         """Apply ``changes`` in order, in one round trip (one after another on a Cluster). On
-        one Redis they are one atomic step; when this raises StoreUnavailable (a Cluster, or an
-        answer that never came), some of them may have been applied."""
+        one Redis they are one atomic step; when awaiting it raises StoreUnavailable (a Cluster,
+        or an answer that never came), some of them may have been applied. (Declared a plain
+        function giving an awaitable: a store may hand back its pending reply, with no
+        coroutine frame of its own on the caller's wait; ``async def`` satisfies it too.)"""
         ...
 
     async def sadd(self, key: str, *members: str, ttl: float) -> None:

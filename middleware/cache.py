@@ -347,7 +347,7 @@ class CacheMiddleware:
                 await self._quietly(self._store.delete(keys.lock(guessed)))
             data = await self._store.get(keys.entry(digest))
         elif locked:
-            lookup.lock = keys.lock(digest)  # released by _keep with the entry, or by _miss
+            lookup.lock = keys.lock(digest)  # released by the write that stores the entry, or by _miss
         lookup.entry = self._entries.decode(data) if data is not None else None
         return lookup
 
@@ -498,7 +498,7 @@ class CacheMiddleware:
                 except StoreUnavailable:
                     locked, data = True, None  # nobody else can see the store either
                 if locked:
-                    lookup.lock = lock  # released by _keep with the entry, or below
+                    lookup.lock = lock  # released by the write that stores the entry, or below
                 entry = self._fresh(data) if locked else await self._poll(request, lookup)
                 if entry is not None:
                     if future is not None:
@@ -573,7 +573,12 @@ class CacheMiddleware:
         tap = _Capture(self._config, request, lookup.fwd)
         request[BODY_TAP] = tap
         response = await handler(request)
-        filled = await self._keep(request, lookup, tap)
+        filled, stored = self._entry(request, lookup, tap)
+        if stored is not None:
+            try:  # awaited here, not in a helper: one frame less on the request's wait
+                await stored
+            except StoreUnavailable as exc:
+                logger.debug("cache store unavailable while storing: %s", exc)
         if future is not None and not future.done():
             future.set_result(filled)
         return response
@@ -596,11 +601,14 @@ class CacheMiddleware:
         late = math.ceil(stale.age_at(self._clock()) - stale.fresh)
         return self._replay(request, stale, "STALE", f"fwd=stale; fwd-status={failed}; ttl={-late}; detail=error")
 
-    async def _keep(self, request: web.Request, lookup: _Lookup, tap: _Capture) -> _Filled | None:
-        """Store what the tap captured, if it was whole and may be stored: the entry and its
-        digest (its key for ``request``, which the misses waiting for it compare theirs with), or None."""
+    def _entry(
+        self, request: web.Request, lookup: _Lookup, tap: _Capture
+    ) -> tuple[_Filled | None, Awaitable[None] | None]:
+        """What the tap captured, if it was whole and may be stored: the entry and its digest
+        (its key for ``request``, which the misses waiting for it compare theirs with), or None;
+        and the store's write of it (with the release of the fill lock), to await, or None."""
         if not (tap.storable and tap.complete):
-            return None
+            return None, None
         headers = tap.fields
         age = headers.get(hdrs.AGE)  # the fields below are rarely there: looked for before they are parsed
         entry = Entry(
@@ -618,7 +626,7 @@ class CacheMiddleware:
         digest = lookup.digest if varying == lookup.varying else self._digest_for(request, lookup, varying)
         ttl = entry.fresh + entry.stale - entry.age
         if ttl <= 0:
-            return entry, digest
+            return (entry, digest), None
         keys, index_ttl = self._keys, max(ttl, _INDEX_TTL)
         changes: list[Change] = []
         if varying != lookup.varying:
@@ -630,11 +638,7 @@ class CacheMiddleware:
         if lookup.lock is not None:  # released once the entry is there, in the same round trip
             changes.append(Remove((lookup.lock,)))
             lookup.lock = None
-        try:
-            await self._store.write(*changes)
-        except StoreUnavailable as exc:
-            logger.debug("cache store unavailable while storing: %s", exc)
-        return entry, digest
+        return (entry, digest), self._store.write(*changes)
 
     # -- stale-while-revalidate ------------------------------------------------------------
 
@@ -659,7 +663,9 @@ class CacheMiddleware:
                 return  # another instance is refreshing it
             try:
                 await handler(copy)
-                await self._keep(copy, lookup, tap)
+                _, stored = self._entry(copy, lookup, tap)
+                if stored is not None:
+                    await stored
             finally:
                 await self._quietly(self._store.delete(lock))
         except (Problem, StoreUnavailable) as exc:

@@ -84,20 +84,27 @@ class ProblemMiddleware:
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except Problem as problem:
-            return self._render(request, problem)
-        except web.HTTPException as exc:
+        except Exception as exc:
+            return self.render(request, exc)
+
+    def render(self, request: web.Request, exc: Exception) -> web.Response:
+        """The problem+json response for ``exc``, which a handler of ``request`` raised; ``exc``
+        itself is raised again when it is no problem to tell (a redirect) or too late to tell (the
+        status line is on the wire). Call it from an ``except`` block (the gateway's request-id
+        middleware does, as its ``errors``, to spare the chain this middleware's frame)."""
+        if isinstance(exc, Problem):
+            return self._render(request, exc)
+        if isinstance(exc, web.HTTPException):
             if exc.status < 400:
-                raise  # redirects and the like are not problems
+                raise exc  # redirects and the like are not problems
             headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
             detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
             return self._render(request, Problem(exc.status, detail or exc.reason, headers=headers))
-        except Exception as exc:
-            if request[OUTCOME].status is not None:
-                raise  # the status line is already on the wire: nothing left to tell the client
-            logger.exception("unhandled error in %s %s", request.method, request.path)
-            request[OUTCOME].error = type(exc).__name__
-            return self._render(request, Problem(500, "The gateway failed to handle this request"))
+        if request[OUTCOME].status is not None:
+            raise exc  # the status line is already on the wire: nothing left to tell the client
+        logger.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        request[OUTCOME].error = type(exc).__name__
+        return self._render(request, Problem(500, "The gateway failed to handle this request"))
 
     @staticmethod
     def _render(request: web.Request, problem: Problem) -> web.Response:

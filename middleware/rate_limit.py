@@ -117,6 +117,14 @@ class RateLimitMiddleware:
         self._warned_at = -math.inf
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        await self.access(request)
+        return await handler(request)
+
+    async def access(self, request: web.Request) -> None:
+        """The middleware's whole work, done before the handler and nothing after it: spends one
+        request of the budget and sets the response fields; raises a 429 (or, store down and
+        ``on_error: deny``, a 503) Problem when the request may not go on. The gateway's route
+        chain calls this, not :meth:`__call__` (see :class:`gateway.chain.AccessSteps`)."""
         key = self._prefix + client_key(request, self._config.key)
         quota: Quota | None
         try:  # the store awaited here, not in a helper: one frame less on the request's every await
@@ -124,7 +132,7 @@ class RateLimitMiddleware:
         except StoreUnavailable as exc:
             quota = await self._unavailable(key, exc)
         if quota is None:  # store down and on_error: allow
-            return await handler(request)
+            return
         reset = math.ceil(quota.reset_after)
         add_response_headers(
             request,
@@ -144,7 +152,6 @@ class RateLimitMiddleware:
                 f"Rate limit exceeded: {self._config.requests} requests per {self._config.per:g}s; retry in {retry}s",
                 headers={"Retry-After": str(retry)},
             )
-        return await handler(request)
 
     async def peek(self, request: web.Request) -> tuple[str, Quota]:
         """The budget key ``request`` would spend and what one more request would get; spends

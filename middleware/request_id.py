@@ -109,6 +109,9 @@ class RequestIdMiddleware:
 
     ``observe``, when given, sees every finished request too (the gateway counts metrics with it).
     ``access_sink``, when given, takes the access-log lines instead of the ``gateway.access`` logger.
+    ``errors``, when given, turns an exception of the handler into the response (or raises it
+    again): the gateway passes :meth:`ProblemMiddleware.render <middleware.problem.ProblemMiddleware.render>`,
+    one frame instead of a second middleware around every request.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class RequestIdMiddleware:
         clock: Callable[[], float] = time.perf_counter,
         observe: Observer | None = None,
         access_sink: AccessSink | None = None,
+        errors: Callable[[web.Request, Exception], web.StreamResponse] | None = None,
     ) -> None:
         self._trusted = tuple(trusted_proxies)
         self._ids = ids
@@ -126,6 +130,7 @@ class RequestIdMiddleware:
         self._observe = observe
         self._sink = access_sink if access_sink is not None else _to_logger
         self._timestamp = UtcMillis()
+        self._errors = errors
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = self._clock()
@@ -136,7 +141,12 @@ class RequestIdMiddleware:
         outcome = request[OUTCOME] = Outcome(response_headers={REQUEST_ID_HEADER: request_id})
         status = 500
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                if self._errors is None:
+                    raise
+                response = self._errors(request, exc)
             status = response.status
             return response
         except BaseException as exc:

@@ -106,6 +106,10 @@ _BATCH_ENTRIES = 256
 _MAX_MEMBERS = 1000  # set members one write step may add (Lua's unpack takes a few thousand at most)
 
 
+async def _nothing() -> None:
+    """A write with no change: nothing to wait for."""
+
+
 class RedisStore:
     """A :class:`~middleware.base.Store` on Redis or Redis Cluster; see :func:`gateway.stores.open_store`.
 
@@ -241,17 +245,11 @@ class RedisStore:
         *values, added = replies
         return cast("list[bytes | None]", values), added == 1
 
-    async def write(self, *changes: Change) -> None:
-        """Every change's commands in one batch (on a Cluster: one call after another)."""
+    def write(self, *changes: Change) -> Awaitable[None]:
+        """Every change's commands in one batch (on a Cluster: one call after another). On one
+        Redis, the batch's pending reply itself: no coroutine frame on the caller's wait."""
         if self._detach:
-            for change in changes:
-                if isinstance(change, Put):
-                    await self.set(change.key, change.value, ttl=change.ttl)
-                elif isinstance(change, AddToSet):
-                    await self.sadd(change.key, *change.members, ttl=change.ttl)
-                else:
-                    await self.delete(*change.keys)
-            return
+            return self._write_each(changes)
         name = self.key
         keys: list[str] = []
         args: list[bytes | str | int] = []
@@ -268,8 +266,19 @@ class RedisStore:
             else:
                 keys += map(name, change.keys)
                 args += ("D",) * len(change.keys)
-        if keys:
-            await self._batched(("EVALSHA", self._write.sha, len(keys), *keys, *args))
+        if not keys:
+            return _nothing()
+        return cast("Awaitable[None]", self._batched(("EVALSHA", self._write.sha, len(keys), *keys, *args)))
+
+    async def _write_each(self, changes: tuple[Change, ...]) -> None:
+        """On a Cluster: each change with its own call (their keys may live on different nodes)."""
+        for change in changes:
+            if isinstance(change, Put):
+                await self.set(change.key, change.value, ttl=change.ttl)
+            elif isinstance(change, AddToSet):
+                await self.sadd(change.key, *change.members, ttl=change.ttl)
+            else:
+                await self.delete(*change.keys)
 
     def _take_command(self, key: str, limit: int, period: float, spend: bool) -> bytes:
         """``EVALSHA <gcra> 1 <key> <interval> <limit> <spend>`` in RESP. Packed here, not by

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from middleware.base import CLIENT_IP
-from middleware.problem import Problem
+from middleware.problem import Problem, ProblemMiddleware
 from middleware.request_id import RequestIdMiddleware, UtcMillis, client_address, new_request_id
 
 from .conftest import MakeClient
@@ -146,3 +146,42 @@ def test_a_forked_worker_makes_request_ids_of_its_own() -> None:
     parent = new_request_id()  # the id the worker would have made too, had it kept the parent's random state
     assert re.fullmatch("[0-9a-f]{32}", child) and re.fullmatch("[0-9a-f]{32}", parent)
     assert child != parent
+
+
+async def test_errors_hook_turns_the_handlers_exception_into_the_logged_response(
+    aiohttp_client,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    """The gateway's one app-wide frame: problems rendered by the request-id middleware itself."""
+
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise Problem(429, "slow down")
+
+    app = web.Application(middlewares=[RequestIdMiddleware(errors=ProblemMiddleware().render)])
+    app.router.add_get("/", refuse)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = await client.get("/", headers={"X-Request-ID": "rid-2"})
+    assert response.status == 429
+    assert (await response.json())["request_id"] == "rid-2"
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert line["status"] == 429 and line["error"] == "slow down"
+
+
+async def test_errors_hook_passes_on_what_it_raises_again(
+    aiohttp_client,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    """A redirect is no problem: the hook raises it again, aiohttp answers it, the log says so."""
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/elsewhere")
+
+    app = web.Application(middlewares=[RequestIdMiddleware(errors=ProblemMiddleware().render)])
+    app.router.add_get("/", moved)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = await client.get("/", allow_redirects=False)
+    assert response.status == 302
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert line["error"] == "HTTPFound"
