@@ -10,11 +10,14 @@ top of this figure (issue 8). It does deliberately little and nothing clever:
 * the request body read whole and sent, the upstream body read whole and returned.
 
 Stdlib + aiohttp only; run ``python bench/minimal_proxy.py --upstream http://127.0.0.1:8081``.
+``--processes N`` forks N-1 more processes sharing the port (SO_REUSEPORT), as ``gateway run
+--workers N`` does: the control for what processes sharing cores cost any aiohttp app.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, hdrs, web
@@ -86,10 +89,22 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    parser.add_argument("--processes", type=int, default=1, help="processes sharing the port (default 1)")
     args = parser.parse_args()
+    for _ in range(args.processes - 1):
+        if os.fork() == 0:  # a child serves too, and forks no further
+            break
     loop_name, loop = new_loop(args.loop)
     print(f"minimal proxy on http://{args.host}:{args.port} -> {args.upstream} (loop: {loop_name})", flush=True)
-    web.run_app(make_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+    web.run_app(
+        make_app(args.upstream),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop,
+        reuse_port=args.processes > 1 or None,
+    )
 
 
 if __name__ == "__main__":

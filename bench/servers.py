@@ -302,11 +302,16 @@ def start_nginx_proxy(port: int, backend: int, work: Path, stack: contextlib.Exi
 
 
 def start_minimal_proxy(port: int, backend: int, work: Path, stack: contextlib.ExitStack, name: str = "minimal-proxy",
-                        loop: str = "") -> Target:  # fmt: skip
-    """``minimal_proxy.py`` on its default loop (uvloop when installed, as the gateway), or ``loop``."""
+                        loop: str = "", processes: int = 1) -> Target:  # fmt: skip
+    """``minimal_proxy.py`` on its default loop (uvloop when installed, as the gateway), or ``loop``;
+    ``processes`` > 1 forks that many sharing the port, all on the server core."""
     script = str(BENCH_DIR / "minimal_proxy.py")
     argv = [sys.executable, script, "--upstream", f"http://127.0.0.1:{backend}", "--port", str(port)]
-    server = start(name, [*argv, "--loop", loop] if loop else argv, SERVER_CPU, work, stack)
+    if loop:
+        argv += ["--loop", loop]
+    if processes != 1:
+        argv += ["--processes", str(processes)]
+    server = start(name, argv, SERVER_CPU, work, stack)
     return Target(name, f"http://127.0.0.1:{port}{DIRECT_PATH}", server, single=name == "minimal-proxy", loop=loop)
 
 
@@ -363,6 +368,12 @@ def start_gateway_asyncio(port: int, backend: int, work: Path, stack: contextlib
     return start_gateway(port, backend, work, stack, "gateway-asyncio", loop="asyncio")
 
 
+def start_minimal_proxy_2_cpu1(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
+    """The control for ``gateway-workers-2-cpu1``: the minimal proxy as two processes sharing the
+    port, both on the server core: what two aiohttp processes sharing one core cost any app."""
+    return start_minimal_proxy(port, backend, work, stack, "minimal-proxy-2-cpu1", processes=2)
+
+
 def start_gateway_workers_2_cpu1(port: int, backend: int, work: Path, stack: contextlib.ExitStack) -> Target:
     """``--workers 2``, both pinned to the server core: the same CPU budget as ``gateway``, so
     the rows compare what a worker process costs per request, not extra cores."""
@@ -396,6 +407,7 @@ STARTERS: dict[str, StartFn] = {
     "minimal-proxy-asyncio": start_minimal_proxy_asyncio,
     "gateway": start_gateway,
     "gateway-asyncio": start_gateway_asyncio,
+    "minimal-proxy-2-cpu1": start_minimal_proxy_2_cpu1,
     "gateway-workers-2-cpu1": start_gateway_workers_2_cpu1,
     "gateway-workers-2": start_gateway_workers_2,
 }

@@ -97,9 +97,28 @@ def test_loops_table_names_the_faster_loop(asyncio_rps: float, faster: str) -> N
     assert row.startswith("| gateway | uvloop |") and row.endswith(f"| {faster} | uvloop |")  # equal CPU: default
 
 
-def test_workers_table_flags_cpu_per_request_rising() -> None:
-    samples = {"gateway": [sample(1000, 800)], "gateway-workers-2-cpu1": [sample(950, 840)]}
-    assert "rose with workers: `gateway-workers-2-cpu1` (+5%)" in workers_table(samples)
+def test_workers_table_flags_cpu_per_request_rising_with_a_worker_per_core() -> None:
+    samples = {"gateway": [sample(1000, 800)], "gateway-workers-2": [sample(1900, 840)]}
+    assert "(`gateway-workers-2` against `gateway`): +5% (target: must not rise; **missed**)" in workers_table(samples)
+
+
+def test_workers_table_meets_the_target_when_cpu_per_request_holds() -> None:
+    samples = {"gateway": [sample(1000, 800)], "gateway-workers-2": [sample(1900, 784)]}
+    assert "-2% (target: must not rise; met)" in workers_table(samples)
+
+
+def test_workers_table_sets_two_workers_on_one_core_beside_the_control() -> None:
+    samples = {
+        "minimal-proxy": [sample(500, 1600)],
+        "minimal-proxy-2-cpu1": [sample(470, 1700)],
+        "gateway": [sample(1000, 800)],
+        "gateway-workers-2-cpu1": [sample(920, 880)],
+    }
+    table = workers_table(samples)
+    assert "| minimal-proxy-2-cpu1 | 2 | 1 | 470 | 0.94x | 1700.0 | 1.06x |" in table
+    assert "Two workers sharing one core (not a scaling setup; `gateway run` warns about it): +10%" in table
+    assert "the minimal aiohttp proxy as two processes on one core: +6%" in table
+    assert "target" not in table.splitlines()[-1]  # no verdict on it
 
 
 def relay(rate: float, cpu_us: float, load_busy: float) -> WsSample:
