@@ -362,7 +362,8 @@ def workers_table(samples: dict[str, list[Sample]]) -> str:
             )
 
     def change(name: str, one: str) -> str:
-        return f"{(m[name].cpu_us / m[one].cpu_us - 1) * 100:+.0f}%"
+        percent = round((m[name].cpu_us / m[one].cpu_us - 1) * 100)
+        return f"{percent:+d}%" if percent else "0%"
 
     notes = []
     if SCALING in m:

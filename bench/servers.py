@@ -105,9 +105,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                for pid in family:  # e.g. nginx workers left behind by a killed master
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            # whatever the parent left behind: nginx workers of a killed master, the processes
+            # `minimal_proxy.py --processes` forked (their parent does not stop them)
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.log.close()
 
 
