@@ -38,6 +38,7 @@ from .upstream_http import (
     ReadTimeout,
     UpstreamError,
     UpstreamResponse,
+    not_connected,
 )
 from .upstreams import Upstream, UpstreamPool
 
@@ -147,9 +148,10 @@ class RouteProxy:
         target = request[TARGET]
         route = self._route
         tried: list[Upstream] = []
+        failure: str | None = None  # what the last attempt met, should no upstream be left to try
         outcome = request[OUTCOME]
         while True:
-            upstream = self._pool.choose(tried)
+            upstream = self._pool.choose(tried, failure)
             outcome.upstream = upstream.base
             data = body if body is not None or limit is None else _limited(request.content, limit)
             try:
@@ -164,7 +166,8 @@ class RouteProxy:
                 )
             except _ATTEMPT_ERRORS as exc:
                 # a plain except, not a context manager: this runs for every proxied request
-                self._retry_or_raise(exc, upstream, limit, can_retry=len(tried) <= route.retries, idempotent=idempotent)
+                can_retry = len(tried) <= route.retries
+                failure = self._retry_or_raise(exc, upstream, limit, can_retry=can_retry, idempotent=idempotent)
                 continue
             self._pool.succeeded(upstream)
             async with upstream_response:
@@ -185,10 +188,11 @@ class RouteProxy:
 
     def _retry_or_raise(
         self, exc: Exception, upstream: Upstream, limit: _BodyLimit | None, *, can_retry: bool, idempotent: bool
-    ) -> None:
-        """Translate one attempt's failure into a Problem, or return when another attempt may be
-        made: after a failed connect (nothing reached the upstream) for any method, after a reset
-        only for idempotent methods, and never once the client's streamed body has been read."""
+    ) -> str:
+        """Translate one attempt's failure into a Problem, or return what it was (the detail it
+        would have had) when another attempt may be made: after a failed connect (nothing reached
+        the upstream) for any method, after a reset only for idempotent methods, and never once the
+        client's streamed body has been read."""
         if isinstance(exc, _BodyTooLarge):
             raise Problem(413, f"the request body is over the limit of {self._forwarder.max_body} bytes") from None
         if not isinstance(exc, UpstreamError):  # reading the client's streamed body
@@ -197,9 +201,9 @@ class RouteProxy:
         if isinstance(exc, ConnectFailed):
             self._pool.failed(upstream)
             if replayable:
-                return
+                return self._problem(upstream, exc).detail
         elif isinstance(exc, ConnectionBroken) and replayable and idempotent:
-            return
+            return self._problem(upstream, exc).detail
         if limit is not None and limit.consumed and isinstance(exc, ConnectFailed | ConnectionBroken):
             raise Problem(502, f"upstream {upstream.base} failed while the body was being sent") from None
         raise self._problem(upstream, exc) from None
@@ -209,7 +213,7 @@ class RouteProxy:
         if isinstance(exc, ConnectTimeout):
             return Problem(504, f"{where} did not accept a connection within {self._route.connect_timeout:g}s")
         if isinstance(exc, ConnectFailed):
-            return Problem(502, f"{where} refused the connection")
+            return Problem(502, f"{where} {not_connected(exc)}")
         if isinstance(exc, ReadTimeout):
             return Problem(504, f"{where} did not answer within {self._route.timeout:g}s")
         if isinstance(exc, InvalidResponse):

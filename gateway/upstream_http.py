@@ -38,8 +38,10 @@ __all__ = (
     "ConnectionPool",
     "InvalidResponse",
     "ReadTimeout",
+    "TlsFailed",
     "UpstreamError",
     "UpstreamResponse",
+    "not_connected",
     "request_head",
 )
 
@@ -62,6 +64,22 @@ class ConnectFailed(UpstreamError):
 
 class ConnectTimeout(ConnectFailed):
     """The upstream did not accept a connection within the connect timeout."""
+
+
+class TlsFailed(ConnectFailed):
+    """The TLS handshake with an https upstream failed (a certificate the system's CAs do not
+    trust, a name it is not for, no protocol in common): nothing was sent. ``reason`` says why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def not_connected(exc: ConnectFailed) -> str:
+    """How a problem's detail says what ``exc`` was, after "upstream <url>"."""
+    if isinstance(exc, TlsFailed):
+        return f"failed the TLS handshake: {exc.reason}"
+    return "refused the connection"
 
 
 class ConnectionBroken(UpstreamError):
@@ -176,7 +194,10 @@ class ConnectionPool:
         except TimeoutError as exc:  # ours, or the kernel's (ETIMEDOUT) when connect_timeout is None or long
             within = f"within {connect_timeout:g}s" if connect_timeout is not None else f"({exc})"
             raise ConnectTimeout(f"no connection to {self.host_header} {within}") from None
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError as exc:  # (an OSError too: first)
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            raise TlsFailed(f"TLS with {self.host_header} failed: {exc}", reason) from exc
+        except OSError as exc:
             raise ConnectFailed(f"connecting to {self.host_header} failed: {exc}") from exc
 
     def _release(self, connection: _Connection) -> None:

@@ -91,15 +91,17 @@ class UpstreamPool:
                 return upstream
         return None
 
-    def choose(self, tried: list[Upstream]) -> Upstream:
+    def choose(self, tried: list[Upstream], failure: str | None = None) -> Upstream:
         """The next upstream for a request that already tried ``tried`` (it is added there).
 
-        Raises Problem 503 when no upstream is healthy, 502 when every healthy one was tried.
+        Raises Problem 503 when no upstream is healthy, 502 when every healthy one was tried
+        (``failure``, what the last attempt met, ends its detail).
         """
         upstream = self.pick(tried)
         if upstream is None:
             if tried:
-                raise Problem(502, f"no upstream of {self.service} could be reached")
+                last = f"; the last: {failure}" if failure else ""
+                raise Problem(502, f"no upstream of {self.service} could be reached{last}")
             raise Problem(503, f"no healthy upstream for {self.service}")
         tried.append(upstream)
         return upstream

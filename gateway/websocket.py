@@ -32,7 +32,7 @@ from middleware.problem import Problem
 from .config import Route, WebSocketConfig
 from .proxy import HOP_BY_HOP, Forwarder, connection_named
 from .routing import TARGET, Target
-from .upstream_http import ConnectFailed, ConnectTimeout, request_head
+from .upstream_http import ConnectFailed, ConnectTimeout, not_connected, request_head
 from .upstreams import Upstream, UpstreamPool
 from .ws_frames import accept_key, close_frame, new_key, response_head
 from .ws_relay import CLOSE_TIMEOUT, Relay, UpstreamSide
@@ -219,8 +219,9 @@ class WebSocketRelay:
         target = request[TARGET]
         target = Target(target.rest, _without_token(target.query))
         tried: list[Upstream] = []
+        failure: str | None = None  # what the last attempt met, should no upstream be left to try
         while True:
-            upstream = self._pool.choose(tried)
+            upstream = self._pool.choose(tried, failure)
             request[OUTCOME].upstream = upstream.base
             pool = upstream.connections
             side = UpstreamSide()
@@ -236,11 +237,12 @@ class WebSocketRelay:
                 self._pool.failed(upstream)
                 raise Problem(504, f"upstream {upstream.base} did not accept the connection within "
                                    f"{self._route.connect_timeout:g}s") from None  # fmt: skip
-            except ConnectFailed:
+            except ConnectFailed as exc:
                 self._pool.failed(upstream)
+                failure = f"upstream {upstream.base} {not_connected(exc)}"
                 if len(tried) <= self._route.retries:
                     continue
-                raise Problem(502, f"upstream {upstream.base} refused the connection") from None
+                raise Problem(502, failure) from None
             except TimeoutError:
                 _abort(side)
                 raise Problem(504, f"upstream {upstream.base} did not accept the WebSocket upgrade within "
