@@ -8,7 +8,7 @@ The backends are the real echo app on TLS, with certificates from a throwaway CA
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ services:
     websocket: true
 """
 
-ServeTls = Callable[[str], "AsyncIterator[TestServer]"]
+ServeTls = Callable[[trustme.LeafCert], Awaitable[TestServer]]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,27 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
-async def tls_backend(ca: trustme.CA) -> AsyncIterator[TestServer]:
+async def serve_tls() -> AsyncIterator[ServeTls]:
+    """``await serve_tls(cert)``: the echo backend on https with ``cert``; closed after the test."""
+    servers: list[TestServer] = []
+
+    async def serve(cert: trustme.LeafCert) -> TestServer:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        server = TestServer(echo_app())
+        await server.start_server(ssl=context)
+        servers.append(server)
+        return server
+
+    yield serve
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def tls_backend(ca: trustme.CA, serve_tls: ServeTls) -> TestServer:
     """The echo backend on https, its certificate issued for 127.0.0.1 by ``ca``."""
-    yield await _serve(ca.issue_cert("127.0.0.1"))
+    return await serve_tls(ca.issue_cert("127.0.0.1"))
 
 
 @pytest.fixture
@@ -48,25 +66,6 @@ def trusting(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-
-
-_servers: list[TestServer] = []
-
-
-async def _serve(cert: trustme.LeafCert) -> TestServer:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    server = TestServer(echo_app())
-    await server.start_server(ssl=context)
-    _servers.append(server)
-    return server
-
-
-@pytest.fixture(autouse=True)
-async def _close_servers() -> AsyncIterator[None]:
-    yield
-    while _servers:
-        await _servers.pop().close()
 
 
 async def _gateway(make_gateway: MakeGateway, backend: TestServer) -> GatewayClient:
@@ -97,8 +96,10 @@ async def test_an_untrusted_upstream_certificate_is_a_502_that_names_the_tls_fai
 
 
 @pytest.mark.usefixtures("trusting")
-async def test_a_certificate_for_another_name_is_a_502(make_gateway: MakeGateway, ca: trustme.CA) -> None:
-    backend = await _serve(ca.issue_cert("upstream.example"))  # trusted, but not for 127.0.0.1
+async def test_a_certificate_for_another_name_is_a_502(
+    make_gateway: MakeGateway, ca: trustme.CA, serve_tls: ServeTls
+) -> None:
+    backend = await serve_tls(ca.issue_cert("upstream.example"))  # trusted, but not for 127.0.0.1
     gateway = await _gateway(make_gateway, backend)
     response = await gateway.get("/api/svc/echo/x")
     assert response.status == 502
